@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make test` and `make demo`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.chronos-installed
+
+.PHONY: setup test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check chronos tests examples
+	$(VENV)/bin/mypy chronos
+
+test: lint
+	$(VENV)/bin/pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/chronos demo
+
+bench: $(STAMP)
+	$(PY) -m chronos.benchmarks.hypergrad
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

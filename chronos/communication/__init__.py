@@ -1,0 +1,1 @@
+"""communication layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""continuum layer (see DESIGN.md)."""

@@ -1,0 +1,225 @@
+"""Every message of the Chronos wire protocol, as a frozen dataclass with an ``op`` name.
+
+Workers (ZeroMQ DEALER) talk to the coordinator (ROUTER) asynchronously. Each message carries
+the worker id and a request id chosen by the worker; replies echo the request id.
+Tensor-valued fields (``outer_params``, ``hypergradient``) travel as raw frames next to a
+msgpack header (see :mod:`chronos.distributed.protocol`); every other field is a msgpack
+scalar, string, list or string-keyed dict of scalars.
+
+Worker → coordinator: :class:`Register`, :class:`Checkout`, :class:`Commit`,
+:class:`Heartbeat`, :class:`Deregister`.
+Coordinator → worker: :class:`Registered`, :class:`CheckoutReply`, :class:`CommitReply`,
+:class:`HeartbeatAck`, :class:`ErrorReply`, :class:`ShutdownNotice`.
+
+Example:
+    >>> import torch
+    >>> m = Commit(worker_id="w0", request_id=7, version=3, commit_id="w0-7",
+    ...            hypergradient={"wd": torch.zeros(4)}, metrics={"inner_loss": 0.2})
+    >>> m.op, m.tensor_field
+    ('commit', 'hypergradient')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from torch import Tensor
+
+from chronos.core.tensordict import TensorDict
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "Checkout",
+    "CheckoutReply",
+    "CheckoutStatus",
+    "Commit",
+    "CommitReply",
+    "CommitStatus",
+    "Deregister",
+    "ErrorCode",
+    "ErrorReply",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Message",
+    "Register",
+    "Registered",
+    "ShutdownNotice",
+]
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; a peer speaking another version gets an error reply."""
+
+Scalar = bool | int | float | str | None
+
+CheckoutStatus = Literal["granted", "deferred", "not_modified"]
+CommitStatus = Literal["accepted", "rejected", "duplicate"]
+ErrorCode = Literal[
+    "malformed",  # header not msgpack / wrong types / missing fields
+    "protocol_version",  # peer speaks another protocol version
+    "unknown_op",
+    "bad_tensor",  # dtype not allowed, shape vs bytes mismatch, wrong keys/shapes
+    "non_finite",  # NaN / Inf in a tensor
+    "oversize",
+    "unknown_worker",
+    "duplicate_worker",
+    "bad_version",  # a version that never existed / does not match the lease
+    "shutting_down",
+]
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages. ``request_id`` is chosen by the worker and echoed in replies."""
+
+    op: ClassVar[str] = ""
+    tensor_field: ClassVar[str | None] = None  # name of the dict[str, Tensor] field, if any
+
+    request_id: int
+
+
+# -- worker → coordinator -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Register(Message):
+    """Join the job. ``info``: free-form scalars (host, pid, rank…)."""
+
+    op: ClassVar[str] = "register"
+    worker_id: str
+    info: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkout(Message):
+    """Ask for the current outer params. ``have_version``: the version the worker already holds
+    (-1: none), so an unchanged state is answered ``not_modified`` without resending tensors."""
+
+    op: ClassVar[str] = "checkout"
+    worker_id: str
+    have_version: int = -1
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    """A hypergradient computed on ``version``. ``commit_id`` is unique per commit: a re-sent
+    commit with the same id is applied once."""
+
+    op: ClassVar[str] = "commit"
+    tensor_field: ClassVar[str | None] = "hypergradient"
+    worker_id: str
+    version: int
+    commit_id: str
+    hypergradient: TensorDict
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """I am alive (renews the worker's lease)."""
+
+    op: ClassVar[str] = "heartbeat"
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class Deregister(Message):
+    """Leave the job (releases the worker's lease)."""
+
+    op: ClassVar[str] = "deregister"
+    worker_id: str
+
+
+# -- coordinator → worker -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered(Message):
+    """Welcome. ``config``: scalars the worker should honour (e.g. heartbeat interval)."""
+
+    op: ClassVar[str] = "registered"
+    worker_id: str
+    version: int
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckoutReply(Message):
+    """``granted`` (with ``outer_params``), ``not_modified`` (granted, no tensors: the worker's
+    copy is current) or ``deferred`` (the version window is full; a ``granted`` reply with the
+    same request id follows as soon as it allows)."""
+
+    op: ClassVar[str] = "checkout_reply"
+    tensor_field: ClassVar[str | None] = "outer_params"
+    status: CheckoutStatus
+    version: int
+    outer_params: TensorDict = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CommitReply(Message):
+    """``accepted`` (applied with ``weight = decay**staleness``), ``rejected`` (nothing applied;
+    ``reason`` says why) or ``duplicate`` (this commit id was already applied)."""
+
+    op: ClassVar[str] = "commit_reply"
+    commit_id: str
+    status: CommitStatus
+    staleness: int
+    weight: float
+    version: int  # the coordinator's version after handling the commit
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(Message):
+    """Heartbeat received; ``version`` is the coordinator's current version."""
+
+    op: ClassVar[str] = "heartbeat_ack"
+    version: int
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """A request was refused; no state changed. ``request_id`` is -1 when unparseable."""
+
+    op: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class ShutdownNotice(Message):
+    """The coordinator is stopping (or the job is done); workers should exit."""
+
+    op: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.op: cls
+    for cls in (
+        Register,
+        Checkout,
+        Commit,
+        Heartbeat,
+        Deregister,
+        Registered,
+        CheckoutReply,
+        CommitReply,
+        HeartbeatAck,
+        ErrorReply,
+        ShutdownNotice,
+    )
+}
+"""op name → message class; the decoder accepts nothing else."""
+
+
+def tensors_of(msg: Message) -> TensorDict:
+    """The message's tensor dict (empty for messages without one)."""
+    if msg.tensor_field is None:
+        return {}
+    value = getattr(msg, msg.tensor_field)
+    assert isinstance(value, dict) and all(isinstance(v, Tensor) for v in value.values())
+    return value
