@@ -81,7 +81,14 @@ def make_optimizer(spec: OptimizerSpec, params: list[Tensor], lr: float) -> torc
         return torch.optim.Adam(params, lr=lr)
     if spec == "lbfgs":
         return torch.optim.LBFGS(
-            params, lr=lr, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
+            params,
+            lr=lr,
+            max_iter=1,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            # our own `tol` decides when to stop; torch's defaults stall one step at a time
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
         )
     raise ConfigError(
         f"unknown optimizer {spec!r}; use one of {_OPTIMIZERS} or a callable params -> Optimizer"

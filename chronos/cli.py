@@ -1,0 +1,67 @@
+"""The ``chronos`` command line.
+
+Subcommands:
+  demo    the main job on real data (see ``chronos demo --help``)
+  bench   run a benchmark: ``chronos bench NAME [ARGS...]`` = ``python -m chronos.benchmarks.NAME``
+
+Each subcommand's module exposes ``main(argv) -> int``; its heavy imports happen only when
+the subcommand runs, so ``chronos --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from chronos import __version__
+
+__all__ = ["main"]
+
+# name -> (module with main(argv), one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("chronos.benchmarks.demo", "the main job: bilevel regularization on digits"),
+}
+
+BENCHMARKS: dict[str, str] = {
+    "hypergrad": "chronos.benchmarks.hypergrad",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chronos",
+        description="Chronos: distributed bilevel optimization for PyTorch.",
+    )
+    parser.add_argument("--version", action="version", version=f"chronos {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    bench = sub.add_parser("bench", help="run a benchmark", add_help=False)
+    bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; return an exit code."""
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser()
+    if not args_in or args_in[0] in ("-h", "--help", "--version"):
+        parser.parse_args(args_in)
+        parser.print_help()
+        return 0
+    command, rest = args_in[0], args_in[1:]
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        return int(module.main(rest))
+    if command == "bench":
+        if not rest or rest[0] not in BENCHMARKS:
+            parser.error(f"bench needs one of {sorted(BENCHMARKS)}, e.g. `chronos bench hypergrad`")
+        module = importlib.import_module(BENCHMARKS[rest[0]])
+        return int(module.main(rest[1:]))
+    parser.error(f"unknown command {command!r}; see `chronos --help`")
+    return 2  # pragma: no cover  (parser.error exits)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
