@@ -84,6 +84,7 @@ def make_optimizer(spec: OptimizerSpec, params: list[Tensor], lr: float) -> torc
             params,
             lr=lr,
             max_iter=1,
+            max_eval=25,  # the line search's budget; torch's default for max_iter=1 is 1
             history_size=20,
             line_search_fn="strong_wolfe",
             # our own `tol` decides when to stop; torch's defaults stall one step at a time

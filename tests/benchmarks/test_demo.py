@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from chronos.benchmarks.demo import main
 from chronos.benchmarks.problems import digits_weight_decay
@@ -20,3 +21,19 @@ def test_digits_problem_learns_and_shards():
     assert traj.losses[-1] < traj.losses[0]
     assert p0.accuracy(theta, "test") > 0.85
     assert p0.default_outer_params()["log_decay"].shape == (64,)
+
+
+def test_ridge_closed_forms_agree_with_solve():
+    from chronos.benchmarks.problems import digits_ridge
+
+    prob = digits_ridge()
+    lam = -1.0
+    theta, traj = prob.solve({"log_decay": torch.tensor(lam, dtype=torch.float64)})
+    assert traj.converged, traj.num_steps
+    closed = prob.closed_form_params(lam)
+    assert torch.allclose(theta["w"], closed["w"], atol=1e-6)
+    assert torch.allclose(theta["b"], closed["b"], atol=1e-6)
+    best = prob.optimal_log_decay()
+    assert -3.0 < best < 0.0
+    for other in (best - 0.3, best + 0.3):
+        assert prob.validation_loss(best) < prob.validation_loss(other)
