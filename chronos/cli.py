@@ -1,8 +1,12 @@
 """The ``chronos`` command line.
 
 Subcommands:
-  demo    the main job on real data (see ``chronos demo --help``)
-  bench   run a benchmark: ``chronos bench NAME [ARGS...]`` = ``python -m chronos.benchmarks.NAME``
+  demo         the main job on real data (see ``chronos demo --help``)
+  run          a coordinator and N worker processes on this machine
+  coordinator  only the coordinator (multi-host jobs)
+  worker       one worker against a running coordinator
+  bench        run a benchmark: ``chronos bench NAME [ARGS...]``
+               (= ``python -m chronos.benchmarks.NAME``)
 
 Each subcommand's module exposes ``main(argv) -> int``; its heavy imports happen only when
 the subcommand runs, so ``chronos --help`` stays fast.
@@ -18,13 +22,17 @@ from chronos import __version__
 
 __all__ = ["main"]
 
-# name -> (module with main(argv), one-line help)
+# name -> (module with main(argv), or module:function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("chronos.benchmarks.demo", "the main job: bilevel regularization on digits"),
+    "run": ("chronos.distributed.cli:run_main", "a coordinator + N worker processes, here"),
+    "coordinator": ("chronos.distributed.cli:coordinator_main", "serve one job's outer state"),
+    "worker": ("chronos.distributed.cli:worker_main", "one worker against a coordinator"),
 }
 
 BENCHMARKS: dict[str, str] = {
     "hypergrad": "chronos.benchmarks.hypergrad",
+    "protocol": "chronos.benchmarks.protocol",
 }
 
 
@@ -52,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args_in[0], args_in[1:]
     if command in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[command][0])
-        return int(module.main(rest))
+        module_name, _, func = SUBCOMMANDS[command][0].partition(":")
+        module = importlib.import_module(module_name)
+        return int(getattr(module, func or "main")(rest))
     if command == "bench":
         if not rest or rest[0] not in BENCHMARKS:
             parser.error(f"bench needs one of {sorted(BENCHMARKS)}, e.g. `chronos bench hypergrad`")

@@ -1,0 +1,397 @@
+"""The coordinator's policy, as pure values and functions: :class:`CoordinatorConfig`, commit
+validation, the aggregation rule, the sync barrier and the outer optimizer.
+
+Everything here is a function of its arguments (no I/O, no clock, no hidden state), so the
+coordinator state machine (:mod:`chronos.distributed.state`) stays a thin shell around it.
+
+**Aggregation rule.** An outer step aggregates the ``n`` accepted commits that arrived since
+the previous step; commit ``i`` carries hypergradient ``g_i`` computed ``s_i`` versions ago and
+has weight ``w_i = decay ** s_i``. The gradient handed to the outer optimizer is
+
+    ``g = (1/n) · Σ_i w_i g_i``
+
+divided by the *number* of commits, **not** by ``Σ_i w_i``: normalizing by the weight sum would
+cancel the weight of a lone stale commit (``w g / w = g``), and DESIGN.md requires that a commit
+of staleness ``s`` really counts ``decay ** s`` times as much as a fresh one. With plain SGD and
+one commit per step, a commit of staleness ``s`` therefore moves λ exactly ``decay ** s`` times
+as far as a fresh commit of the same hypergradient. With fresh commits only (every weight 1;
+always the case in sync mode) the rule is the plain average.
+
+Example:
+    >>> import torch
+    >>> agg = empty_aggregate()
+    >>> agg = add_commit(agg, {"lam": torch.tensor([4.0, 8.0], dtype=torch.float64)}, staleness=0,
+    ...                  weight=1.0, metrics={"inner_loss": 1.0})
+    >>> agg = add_commit(agg, {"lam": torch.tensor([4.0, 8.0], dtype=torch.float64)}, staleness=1,
+    ...                  weight=0.5, metrics={"inner_loss": 3.0})
+    >>> aggregate_gradient(agg)["lam"].tolist()       # (1·g + 0.5·g) / 2
+    [3.0, 6.0]
+    >>> aggregate_metrics(agg)
+    {'inner_loss': 2.0, 'commits': 2, 'weight_sum': 1.5, 'mean_staleness': 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from chronos.core import tensordict as td
+from chronos.core.errors import ChronosTypeError, ConfigError
+from chronos.core.problem import OptimizerSpec, make_optimizer
+from chronos.core.tensordict import TensorDict
+from chronos.core.versioning import BoundedVersionQueue
+from chronos.distributed.messages import ErrorCode
+
+__all__ = [
+    "OUTER_OPTIMIZERS",
+    "Aggregate",
+    "CoordinatorConfig",
+    "add_commit",
+    "aggregate_from_state",
+    "aggregate_gradient",
+    "aggregate_metrics",
+    "aggregate_state",
+    "build_outer_optimizer",
+    "check_hypergradient",
+    "empty_aggregate",
+    "is_int",
+    "sync_barrier_ready",
+]
+
+OUTER_OPTIMIZERS = ("sgd", "momentum", "adam")
+"""Optimizer names the coordinator accepts (L-BFGS needs a closure, so it is not one of them)."""
+
+# names the coordinator writes itself, or that would clash with MetaState.update's arguments
+_RESERVED_METRICS = frozenset(
+    {"self", "new_params", "version", "commits", "weight_sum", "mean_staleness"}
+)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def is_int(x: object) -> bool:
+    """True for an ``int`` that is not a ``bool``."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator state machine decides with; validated at construction.
+
+    Args:
+        mode: ``"async"`` (bounded asynchrony) or ``"sync"`` (barrier baseline).
+        num_workers: workers per sync barrier (required, >= 1, for ``mode="sync"``; optional
+            and informational in async mode).
+        max_in_flight: async version window (>= 1).
+        max_staleness: largest accepted staleness in async mode (>= 0).
+        decay: staleness weight base in (0, 1]: weight ``decay ** s``.
+        lease_timeout: seconds of silence after which a worker and its lease expire (> 0).
+        heartbeat_interval: seconds between worker heartbeats, sent to workers on
+            registration (> 0 and < ``lease_timeout``).
+        outer_lr: learning rate of a named outer optimizer (> 0).
+        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"`` or a factory
+            ``params -> torch.optim.Optimizer`` (then ``outer_lr`` is not used).
+        min_commits: async mode aggregates this many accepted commits per outer step (>= 1).
+        max_steps: the job is done after this many outer steps (>= 1, or ``None``: never).
+        dedupe_window: how many accepted commit ids are remembered for idempotence (>= 1).
+
+    Example:
+        >>> CoordinatorConfig(mode="sync", num_workers=4).worker_config()
+        {'heartbeat_interval': 5.0, 'lease_timeout': 30.0, 'mode': 'sync'}
+        >>> try:
+        ...     CoordinatorConfig(decay=2.0)
+        ... except ConfigError as e:
+        ...     print(e)
+        decay must be in (0, 1], got 2.0
+    """
+
+    mode: Literal["async", "sync"] = "async"
+    num_workers: int | None = None
+    max_in_flight: int = 3
+    max_staleness: int = 2
+    decay: float = 0.5
+    lease_timeout: float = 30.0
+    heartbeat_interval: float = 5.0
+    outer_lr: float = 0.01
+    optimizer: OptimizerSpec = "sgd"
+    min_commits: int = 1
+    max_steps: int | None = None
+    dedupe_window: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("async", "sync"):
+            raise ConfigError(f"mode must be 'async' or 'sync', got {self.mode!r}")
+        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 1):
+            raise ConfigError(f"num_workers must be an int >= 1 or None, got {self.num_workers!r}")
+        if self.mode == "sync" and self.num_workers is None:
+            raise ConfigError(
+                "mode='sync' needs num_workers (how many commits each barrier waits for)"
+            )
+        # the queue validates max_in_flight, max_staleness, decay and lease_timeout
+        BoundedVersionQueue(
+            max_in_flight=self.max_in_flight,
+            max_staleness=self.max_staleness,
+            decay=self.decay,
+            lease_timeout=self.lease_timeout,
+        )
+        if not _is_positive(self.heartbeat_interval):
+            raise ConfigError(
+                f"heartbeat_interval must be a positive number of seconds, "
+                f"got {self.heartbeat_interval!r}"
+            )
+        if self.heartbeat_interval >= self.lease_timeout:
+            raise ConfigError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be < lease_timeout "
+                f"({self.lease_timeout}), or live workers would expire between heartbeats; "
+                "a third of lease_timeout or less is a good choice"
+            )
+        if not _is_positive(self.outer_lr):
+            raise ConfigError(f"outer_lr must be a positive number, got {self.outer_lr!r}")
+        if not callable(self.optimizer) and self.optimizer not in OUTER_OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {OUTER_OPTIMIZERS} or a callable "
+                f"params -> torch.optim.Optimizer, got {self.optimizer!r}"
+            )
+        if not is_int(self.min_commits) or self.min_commits < 1:
+            raise ConfigError(f"min_commits must be an int >= 1, got {self.min_commits!r}")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            raise ConfigError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
+        if not is_int(self.dedupe_window) or self.dedupe_window < 1:
+            raise ConfigError(f"dedupe_window must be an int >= 1, got {self.dedupe_window!r}")
+
+    def worker_config(self) -> dict[str, float | str]:
+        """The scalars sent to a worker in :class:`Registered`."""
+        return {
+            "heartbeat_interval": float(self.heartbeat_interval),
+            "lease_timeout": float(self.lease_timeout),
+            "mode": self.mode,
+        }
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def check_hypergradient(
+    reference: Mapping[str, Tensor], hypergradient: object
+) -> tuple[ErrorCode, str] | None:
+    """``None`` if ``hypergradient`` matches λ exactly, else ``(error code, message)``.
+
+    A valid hypergradient is a ``dict[str, Tensor]`` with λ's keys and, per key, λ's shape and
+    dtype (code ``"bad_tensor"`` otherwise), holding only finite values (``"non_finite"``).
+
+    Example:
+        >>> lam = {"a": torch.zeros(2)}
+        >>> check_hypergradient(lam, {"a": torch.ones(2)}) is None
+        True
+        >>> check_hypergradient(lam, {"a": torch.ones(3)})[0]
+        'bad_tensor'
+        >>> check_hypergradient(lam, {"a": torch.tensor([1.0, float("nan")])})[0]
+        'non_finite'
+    """
+    if not isinstance(hypergradient, Mapping):
+        return "bad_tensor", (
+            f"hypergradient must be a dict of tensors, got {type(hypergradient).__name__}"
+        )
+    if set(hypergradient.keys()) != set(reference.keys()):
+        missing = sorted(set(reference) - {k for k in hypergradient if isinstance(k, str)})
+        extra = sorted(str(k) for k in set(hypergradient) - set(reference))
+        return "bad_tensor", (
+            f"hypergradient keys must equal the outer params' keys {sorted(reference)}: "
+            f"missing {missing}, unexpected {extra}"
+        )
+    for k, ref in reference.items():
+        g = hypergradient[k]
+        if not isinstance(g, Tensor):
+            return "bad_tensor", f"hypergradient[{k!r}] must be a tensor, got {type(g).__name__}"
+        if g.shape != ref.shape or g.dtype != ref.dtype:
+            return "bad_tensor", (
+                f"hypergradient[{k!r}] must have shape {tuple(ref.shape)} and dtype {ref.dtype} "
+                f"like the outer parameter, got shape {tuple(g.shape)} and dtype {g.dtype}"
+            )
+    for k, g in hypergradient.items():
+        # a NaN/Inf entry makes the sum non-finite, so a finite sum proves all entries finite in
+        # one pass without temporaries; only a non-finite sum (maybe overflow) needs the full test
+        if not math.isfinite(float(g.sum())) and not bool(torch.isfinite(g).all()):
+            return "non_finite", f"hypergradient[{k!r}] contains NaN or Inf; nothing applied"
+    return None
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregate:
+    """Commits accepted since the last outer step: ``total = Σ_i w_i g_i`` and bookkeeping.
+
+    ``metric_sums`` maps a worker metric name to ``(sum, count)`` over the commits that reported
+    a finite number for it.
+    """
+
+    total: TensorDict
+    count: int = 0
+    weight_sum: float = 0.0
+    staleness_sum: int = 0
+    metric_sums: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+
+
+def empty_aggregate() -> Aggregate:
+    """An aggregate of no commits (``total`` is empty until the first commit)."""
+    return Aggregate(total={})
+
+
+def _finite_number(x: object) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
+def add_commit(
+    agg: Aggregate,
+    hypergradient: Mapping[str, Tensor],
+    staleness: int,
+    weight: float,
+    metrics: Mapping[str, object] | None = None,
+) -> Aggregate:
+    """A new aggregate with one more commit: ``total + weight · hypergradient``.
+
+    ``hypergradient`` must already be validated (:func:`check_hypergradient`); it is not
+    modified, and the aggregate never aliases it. Metrics that are not finite numbers, or whose
+    names the coordinator uses itself, are ignored.
+    """
+    g = {k: v.detach() for k, v in hypergradient.items()}
+    if agg.count == 0:  # one pass per tensor: no zeros to add to
+        total = {k: v * weight for k, v in g.items()}
+    else:
+        total = {k: v.add(g[k].to(v.device), alpha=weight) for k, v in agg.total.items()}
+    sums = dict(agg.metric_sums)
+    for name, raw in (metrics or {}).items():
+        value = _finite_number(raw)
+        if value is None or not isinstance(name, str) or name in _RESERVED_METRICS:
+            continue
+        s, c = sums.get(name, (0.0, 0))
+        sums[name] = (s + value, c + 1)
+    return Aggregate(
+        total=total,
+        count=agg.count + 1,
+        weight_sum=agg.weight_sum + float(weight),
+        staleness_sum=agg.staleness_sum + int(staleness),
+        metric_sums=sums,
+    )
+
+
+def aggregate_gradient(agg: Aggregate) -> TensorDict:
+    """``(1/n) Σ_i w_i g_i`` (see the module docstring for why not ``/ Σ_i w_i``)."""
+    if agg.count < 1:
+        raise ChronosTypeError("aggregate_gradient() needs at least one commit")
+    if agg.count == 1:
+        return dict(agg.total)
+    return td.scale(agg.total, 1.0 / agg.count)
+
+
+def aggregate_metrics(agg: Aggregate) -> dict[str, float | int]:
+    """Mean of each worker metric, plus ``commits``, ``weight_sum`` and ``mean_staleness``."""
+    out: dict[str, float | int] = {name: s / c for name, (s, c) in sorted(agg.metric_sums.items())}
+    out["commits"] = agg.count
+    out["weight_sum"] = agg.weight_sum
+    out["mean_staleness"] = agg.staleness_sum / agg.count if agg.count else 0.0
+    return out
+
+
+def aggregate_state(agg: Aggregate) -> dict[str, object]:
+    """``agg`` as plain containers and tensors (for ``torch.save`` with ``weights_only``)."""
+    return {
+        "total": td.clone(agg.total),
+        "count": agg.count,
+        "weight_sum": agg.weight_sum,
+        "staleness_sum": agg.staleness_sum,
+        "metric_sums": dict(agg.metric_sums),
+    }
+
+
+def aggregate_from_state(state: Mapping[str, Any], reference: Mapping[str, Tensor]) -> Aggregate:
+    """Inverse of :func:`aggregate_state`; ``reference`` (λ) checks the saved tensors."""
+    if int(state["count"]) == 0:
+        return empty_aggregate()
+    td.check_same_structure(reference, state["total"], "saved aggregate")
+    return Aggregate(
+        total=td.clone(state["total"]),
+        count=int(state["count"]),
+        weight_sum=float(state["weight_sum"]),
+        staleness_sum=int(state["staleness_sum"]),
+        metric_sums=dict(state["metric_sums"]),
+    )
+
+
+# -- sync barrier ---------------------------------------------------------------------------------
+
+
+def sync_barrier_ready(
+    committed: Set[str], alive: Set[str], num_workers: int, started: bool
+) -> bool:
+    """Whether the sync-mode barrier on the current version may release (step).
+
+    ``committed``: workers whose commit on the current version was accepted; ``alive``:
+    registered workers not expired; ``started``: ``num_workers`` workers were alive at once at
+    some point. The barrier releases when at least one commit is in and either
+
+    * ``len(committed) >= num_workers`` (the normal case), or
+    * the job has started and every alive worker has committed (``alive ⊆ committed``): workers
+      were lost (expired or deregistered) and nobody left could add a commit, so the step uses
+      the commits that arrived instead of waiting forever.
+
+    Before the job has started, the barrier waits for ``num_workers`` commits (workers still
+    joining).
+
+    Example:
+        >>> sync_barrier_ready({"a"}, {"a", "b"}, num_workers=2, started=True)
+        False
+        >>> sync_barrier_ready({"a"}, {"a"}, num_workers=2, started=True)   # b died
+        True
+        >>> sync_barrier_ready({"a"}, {"a"}, num_workers=2, started=False)  # b not joined yet
+        False
+    """
+    if not committed:
+        return False
+    if len(committed) >= num_workers:
+        return True
+    return started and alive <= committed
+
+
+# -- outer optimizer ------------------------------------------------------------------------------
+
+
+def build_outer_optimizer(
+    spec: OptimizerSpec, params: list[Tensor], lr: float
+) -> torch.optim.Optimizer:
+    """The outer optimizer over ``params`` (leaf tensors): ``"sgd"``, ``"momentum"``,
+    ``"adam"`` or a factory ``params -> torch.optim.Optimizer`` that must optimize exactly the
+    tensors it is given."""
+    if isinstance(spec, str) and spec not in OUTER_OPTIMIZERS:
+        raise ConfigError(
+            f"unknown outer optimizer {spec!r}; use one of {OUTER_OPTIMIZERS} or a callable "
+            "params -> torch.optim.Optimizer"
+        )
+    try:
+        opt = make_optimizer(spec, params, lr)
+    except ChronosTypeError as e:
+        raise ConfigError(str(e)) from e
+    given = {id(p) for p in params}
+    used = {id(p) for group in opt.param_groups for p in group["params"]}
+    if used != given:
+        raise ConfigError(
+            "the optimizer factory must optimize exactly the list of tensors it is given "
+            "(the coordinator's copies of the outer params), e.g. lambda ps: torch.optim.SGD(ps, "
+            "lr=0.1)"
+        )
+    return opt

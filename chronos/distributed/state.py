@@ -1,0 +1,617 @@
+"""The coordinator's decisions as a pure state machine: :class:`CoordinatorState`.
+
+Events in, instructions out, time passed in: :meth:`CoordinatorState.handle` takes one message
+from a worker and returns the messages to send (:class:`Outgoing`, possibly to *other* workers,
+e.g. a deferred checkout granted because this commit freed the window);
+:meth:`CoordinatorState.tick` does what time alone causes (leases expiring). No I/O, no
+threads, no sleeps, no clock reads: the socket loop around it only carries messages.
+
+Rules (DESIGN.md, "Semantics that must hold"):
+
+* **Versions.** λ has an integer version, +1 per outer step; ``version == steps`` always.
+* **Staleness.** A commit computed on version ``v`` when the current version is ``V`` has
+  staleness ``s = V − v``; ``s > max_staleness`` → ``CommitReply(status="rejected")`` and
+  nothing applied; otherwise accepted with weight ``w = decay ** s``.
+* **Aggregation** (:mod:`chronos.distributed.aggregation`): an outer step uses
+  ``g = (1/n) Σ_i w_i g_i`` over the ``n`` commits accepted since the last step (divided by
+  ``n``, not ``Σ w_i``, so the weight is really applied: under SGD a lone commit of staleness
+  ``s`` moves λ exactly ``decay ** s`` times as far as a fresh one). Async mode steps once
+  ``min_commits`` commits are in; sync mode steps at its barrier.
+* **Window** (async). A checkout is deferred while ``V − oldest live lease >= max_in_flight``
+  (:class:`~chronos.core.versioning.BoundedVersionQueue`); the deferred request is answered
+  later, with the *same request id*, by a ``granted`` / ``not_modified`` reply as soon as the
+  window allows (checked after every commit, deregistration and expiry). A worker has at most
+  one outstanding checkout: a new Checkout supersedes its deferred one, whose id is then never
+  answered.
+* **Sync mode** (the baseline). Everyone computes on the current version ``V``. The queue
+  runs with ``max_staleness=0`` (a commit on an older version is rejected) and no window;
+  instead a barrier: a worker that already committed ``V`` and checks out again is deferred;
+  after ``num_workers`` accepted commits on ``V`` the coordinator averages them (all weight 1),
+  steps once and grants ``V + 1`` to every waiting worker. A second commit on ``V`` by the same
+  worker is rejected. Dead workers (see :func:`~chronos.distributed.aggregation.
+  sync_barrier_ready`): once ``num_workers`` workers have been alive together, the barrier also
+  releases as soon as every *alive* worker has committed ``V``, so when a worker expires or
+  deregisters the step uses the commits that arrived; before that (start-up) it waits for
+  ``num_workers`` commits. ``max_in_flight``, ``max_staleness``, ``decay`` and ``min_commits``
+  do not apply in sync mode.
+* **Liveness.** A worker is alive from Register until Deregister or until ``lease_timeout``
+  seconds pass without a successfully handled message from it (any message that does not get
+  an :class:`ErrorReply` renews it, together with its lease). An expired worker is forgotten
+  (lease and deferred checkout dropped; its later messages get ``unknown_worker``: it must
+  Register again, which is then allowed). Registering an id that is alive →
+  ``duplicate_worker``. ``handle(…, now)`` first does what ``tick(now)`` would do, so results
+  never depend on how often the loop ticks; ``now`` is clamped to never run backwards.
+* **Replies.** A ``granted`` checkout carries λ of its version as MetaState holds it: tensors
+  never modified in place afterwards (the optimizer steps separate leaf copies and each step
+  installs fresh copies), so a reply keeps its version's λ and can be sent zero-copy; treat
+  them as read-only. ``not_modified`` (``have_version == version``) carries no tensors.
+* **Idempotence.** An accepted commit id is remembered (the last ``dedupe_window`` of them);
+  re-sending it gets ``CommitReply(status="duplicate")`` with the original staleness and weight
+  and applies nothing. Rejected or refused commits are not remembered.
+* **Bad input** (unknown or mismatched worker id, a version never issued or not matching the
+  worker's lease, wrong keys/shapes/dtypes, NaN/Inf, coordinator-bound ops of the wrong
+  direction): an :class:`ErrorReply` with its code, an error counter, and no other change.
+  Nothing a remote peer sends makes :meth:`handle` raise.
+* **max_steps.** After that many steps the job is done: every registered worker gets a
+  :class:`ShutdownNotice` (carrying the request id of its deferred checkout if it had one, else
+  ``-1``); afterwards Checkout / Commit / Heartbeat are answered with a ShutdownNotice, Register
+  with ``ErrorReply(code="shutting_down")``; Deregister still works.
+
+Example:
+    >>> import torch
+    >>> from chronos.distributed.messages import Checkout, Commit, Register
+    >>> st = CoordinatorState({"lam": torch.tensor([1.0], dtype=torch.float64)},
+    ...                       CoordinatorConfig(outer_lr=0.1, max_in_flight=1))
+    >>> for w in ("a", "b"):
+    ...     _ = st.handle(w, Register(request_id=0, worker_id=w), now=0.0)
+    ...     print(st.handle(w, Checkout(request_id=1, worker_id=w), now=0.0)[0].message.status)
+    granted
+    granted
+    >>> g = {"lam": torch.tensor([2.0], dtype=torch.float64)}
+    >>> r = st.handle("a", Commit(request_id=2, worker_id="a", version=0, commit_id="a2",
+    ...                           hypergradient=g), now=1.0)[0].message
+    >>> r.status, r.weight, st.version, st.outer_params["lam"].item()      # 1 − 0.1·2
+    ('accepted', 1.0, 1, 0.8)
+    >>> st.handle("a", Checkout(request_id=3, worker_id="a"), now=1.0)[0].message.status
+    'deferred'
+    >>> out = st.handle("b", Commit(request_id=4, worker_id="b", version=0, commit_id="b4",
+    ...                             hypergradient=g), now=2.0)
+    >>> [(o.to, o.message.op, o.message.request_id) for o in out]   # b's reply, a's grant
+    [('b', 'commit_reply', 4), ('a', 'checkout_reply', 3)]
+    >>> out[0].message.weight, round(st.outer_params["lam"].item(), 12)  # 0.8 − 0.1·0.5·2
+    (0.5, 0.7)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from chronos.core import tensordict as td
+from chronos.core.errors import ChronosTypeError, ConfigError, UnknownWorkerError, VersionError
+from chronos.core.metastate import MetaState
+from chronos.core.tensordict import TensorDict
+from chronos.core.versioning import BoundedVersionQueue, CommitDecision, Lease
+from chronos.distributed.aggregation import (
+    CoordinatorConfig,
+    add_commit,
+    aggregate_from_state,
+    aggregate_gradient,
+    aggregate_metrics,
+    aggregate_state,
+    build_outer_optimizer,
+    check_hypergradient,
+    empty_aggregate,
+    is_int,
+    sync_barrier_ready,
+)
+from chronos.distributed.messages import (
+    Checkout,
+    CheckoutReply,
+    Commit,
+    CommitReply,
+    CommitStatus,
+    Deregister,
+    ErrorCode,
+    ErrorReply,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    Register,
+    Registered,
+    ShutdownNotice,
+)
+
+__all__ = ["CoordinatorConfig", "CoordinatorState", "Outgoing"]
+
+_INBOUND = (Register, Checkout, Commit, Heartbeat, Deregister)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An instruction for the socket loop: send ``message`` to worker ``to``."""
+
+    to: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A deferred checkout waiting to be answered."""
+
+    request_id: int
+    have_version: int
+
+
+_COUNTERS = (
+    "steps registrations deregistrations workers_expired leases_expired heartbeats checkouts "
+    "checkouts_granted checkouts_not_modified checkouts_deferred deferred_granted "
+    "checkouts_superseded commits_accepted commits_rejected commits_duplicate errors"
+).split()
+
+
+class CoordinatorState:
+    """The coordinator as a pure state machine (see the module docstring for every rule).
+
+    Args:
+        outer_params: λ as tensors or numbers (copied; floating dtypes only).
+        config: a :class:`CoordinatorConfig` (default: ``CoordinatorConfig()``).
+    """
+
+    def __init__(
+        self,
+        outer_params: Mapping[str, Tensor | float],
+        config: CoordinatorConfig | None = None,
+    ) -> None:
+        config = CoordinatorConfig() if config is None else config
+        if not isinstance(config, CoordinatorConfig):
+            raise ChronosTypeError(
+                f"config must be a CoordinatorConfig, got {type(config).__name__}"
+            )
+        self.config = config
+        self._meta = MetaState(outer_params)
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._errors_by_code: dict[str, int] = {}
+        self._accepted_by_staleness: dict[int, int] = {}
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._done = False
+        self._now = -math.inf
+        self._reset_runtime()
+
+    # -- construction helpers ---------------------------------------------------------------
+
+    def _reset_runtime(self) -> None:
+        """(Re)build leaves, optimizer and queue from the MetaState; forget workers."""
+        bad = [k for k, v in self._meta.outer_params.items() if not v.is_floating_point()]
+        if bad:
+            raise ConfigError(
+                f"outer params {bad} are not floating point; give float tensors or Python floats"
+            )
+        self._leaves: TensorDict = {
+            k: v.detach().clone().requires_grad_(True) for k, v in self._meta.outer_params.items()
+        }
+        self._optimizer = build_outer_optimizer(
+            self.config.optimizer, list(self._leaves.values()), self.config.outer_lr
+        )
+        sync = self.config.mode == "sync"
+        self._queue = BoundedVersionQueue(
+            max_in_flight=sys.maxsize if sync else self.config.max_in_flight,
+            max_staleness=0 if sync else self.config.max_staleness,
+            decay=self.config.decay,
+            lease_timeout=self.config.lease_timeout,
+            version=self._meta.version,
+        )
+        self._workers: dict[str, float] = {}  # worker id -> last seen
+        self._pending: dict[str, _Pending] = {}
+        self._agg = empty_aggregate()
+        self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
+        self._started = False  # sync: num_workers were alive together at some point
+
+    # -- views ------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """The current version of λ (== number of outer steps taken)."""
+        return self._meta.version
+
+    @property
+    def outer_params(self) -> TensorDict:
+        """A detached copy of the current λ."""
+        return td.clone(self._meta.outer_params)
+
+    @property
+    def done(self) -> bool:
+        """True once ``max_steps`` outer steps were taken."""
+        return self._done
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """Ids of the registered, alive workers (as of the last event), in registration order."""
+        return tuple(self._workers)
+
+    @property
+    def pending_checkouts(self) -> dict[str, int]:
+        """Deferred checkouts not answered yet: worker id → request id."""
+        return {w: p.request_id for w, p in self._pending.items()}
+
+    @property
+    def leases(self) -> Mapping[str, Lease]:
+        """Current leases by worker id (see :class:`~chronos.core.versioning.Lease`)."""
+        return self._queue.leases
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Per-step records: version, mean worker metrics, ``commits``, ``weight_sum``,
+        ``mean_staleness``."""
+        return [dict(h) for h in self._meta.history]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges as of the last event: ``version``, ``steps``, ``done``, ``mode``;
+        ``commits_accepted`` / ``_rejected`` / ``_duplicate`` and ``accepted_by_staleness``
+        (staleness → count); ``checkouts`` (handled), ``checkouts_granted`` (incl.
+        ``checkouts_not_modified``), ``checkouts_deferred``, ``deferred_granted`` (deferred ones
+        answered later), ``checkouts_superseded``, ``deferred_pending``; ``errors`` and
+        ``errors_by_code``; ``registrations``, ``deregistrations``, ``workers_expired``,
+        ``leases_expired``, ``heartbeats``, ``workers_alive``, ``leases``,
+        ``buffered_commits`` (accepted, waiting for the next step)."""
+        return {
+            "mode": self.config.mode,
+            "version": self.version,
+            "done": self._done,
+            **self._counters,
+            "errors_by_code": dict(self._errors_by_code),
+            "accepted_by_staleness": dict(sorted(self._accepted_by_staleness.items())),
+            "workers_alive": len(self._workers),
+            "deferred_pending": len(self._pending),
+            "buffered_commits": self._agg.count,
+            "leases": len(self._queue.leases),
+        }
+
+    # -- events -----------------------------------------------------------------------------
+
+    def handle(self, identity: str, msg: Message, now: float) -> list[Outgoing]:
+        """Handle one message from connection ``identity`` at time ``now``; return what to send.
+
+        Does what :meth:`tick` would do at ``now`` first (its messages come first). Never raises
+        for anything in ``msg``; raises :class:`ChronosTypeError` only for a non-finite ``now``.
+        """
+        now = self._clock(now)
+        out = self._sweep(now)
+        out.extend(self._dispatch(identity, msg, now))
+        out.extend(self._after_change(now))  # e.g. a re-checkout dropped a window-holding lease
+        return out
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Time passes: expire silent workers and leases, then grant deferred checkouts (async)
+        or release a sync barrier that no live worker can complete any more."""
+        return self._sweep(self._clock(now))
+
+    def _clock(self, now: float) -> float:
+        if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+            raise ChronosTypeError(f"now must be a finite number of seconds, got {now!r}")
+        self._now = max(self._now, float(now))
+        return self._now
+
+    def _dispatch(self, identity: str, msg: Message, now: float) -> list[Outgoing]:
+        rid = getattr(msg, "request_id", -1)
+        rid = rid if is_int(rid) else -1
+        if not isinstance(msg, _INBOUND):
+            op = getattr(msg, "op", type(msg).__name__)
+            accepted = [c.op for c in _INBOUND]
+            return self._error(identity, rid, "unknown_op", f"accepted: {accepted}, got {op!r}")
+        wid = msg.worker_id
+        if not isinstance(wid, str) or not wid:
+            why = f"worker_id must be a non-empty str, got {wid!r}"
+            return self._error(identity, rid, "malformed", why)
+        if wid != identity:
+            why = f"message for worker {wid!r} came from {identity!r}; speak only for yourself"
+            return self._error(identity, rid, "unknown_worker", why)
+        if isinstance(msg, Register):
+            return self._on_register(msg, rid, now)
+        if wid not in self._workers:
+            why = (
+                f"worker {wid!r} is not registered (never registered, deregistered, or expired "
+                f"after {self.config.lease_timeout}s without a message); send Register first"
+            )
+            return self._error(wid, rid, "unknown_worker", why)
+        if isinstance(msg, Deregister):
+            self._forget(wid)
+            self._counters["deregistrations"] += 1
+            return []
+        if self._done:
+            return [Outgoing(wid, ShutdownNotice(request_id=rid, reason=self._done_reason()))]
+        if isinstance(msg, Heartbeat):
+            self._touch(wid, now)
+            self._counters["heartbeats"] += 1
+            return [Outgoing(wid, HeartbeatAck(request_id=rid, version=self.version))]
+        if isinstance(msg, Checkout):
+            return self._on_checkout(msg, rid, now)
+        return self._on_commit(msg, rid, now)
+
+    def _on_register(self, msg: Register, rid: int, now: float) -> list[Outgoing]:
+        wid = msg.worker_id
+        if self._done:
+            return self._error(wid, rid, "shutting_down", self._done_reason())
+        if wid in self._workers:
+            why = (
+                f"worker id {wid!r} is already registered and alive; pick another id, or "
+                "Deregister first (an expired or deregistered id may register again)"
+            )
+            return self._error(wid, rid, "duplicate_worker", why)
+        self._workers[wid] = now
+        self._counters["registrations"] += 1
+        if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
+            self._started = True
+        reply = Registered(
+            request_id=rid,
+            worker_id=wid,
+            version=self.version,
+            config=dict(self.config.worker_config()),
+        )
+        return [Outgoing(wid, reply)]
+
+    def _on_checkout(self, msg: Checkout, rid: int, now: float) -> list[Outgoing]:
+        wid, have = msg.worker_id, msg.have_version
+        if not is_int(have):
+            return self._error(wid, rid, "malformed", f"have_version must be an int, got {have!r}")
+        self._touch(wid, now)
+        self._counters["checkouts"] += 1
+        if self._pending.pop(wid, None) is not None:
+            self._counters["checkouts_superseded"] += 1
+        if self.config.mode == "sync" and wid in self._committed:
+            reason = (
+                f"sync barrier: worker already committed version {self.version}; "
+                f"{len(self._committed)} of {self.config.num_workers} commits in"
+            )
+        else:
+            decision = self._queue.checkout(wid, now)
+            if decision.granted:
+                return [self._grant(wid, rid, have)]
+            reason = decision.reason
+        self._pending[wid] = _Pending(rid, have)
+        self._counters["checkouts_deferred"] += 1
+        reply = CheckoutReply(
+            request_id=rid, status="deferred", version=self.version, reason=reason
+        )
+        return [Outgoing(wid, reply)]
+
+    def _on_commit(self, msg: Commit, rid: int, now: float) -> list[Outgoing]:
+        wid, cid = msg.worker_id, msg.commit_id
+        if not isinstance(cid, str) or not cid:
+            why = f"commit_id must be a non-empty str, got {cid!r}"
+            return self._error(wid, rid, "malformed", why)
+        if cid in self._seen:
+            self._touch(wid, now)
+            self._seen.move_to_end(cid)
+            staleness, weight = self._seen[cid]
+            self._counters["commits_duplicate"] += 1
+            decision = CommitDecision(True, staleness, weight, "already applied; not applied again")
+            return [self._commit_reply(wid, rid, cid, "duplicate", decision)]
+        problem = check_hypergradient(self._meta.outer_params, msg.hypergradient)
+        if problem is not None:
+            return self._error(wid, rid, problem[0], problem[1])
+        try:
+            decision = self._queue.commit(wid, msg.version, now)  # ends the worker's lease
+        except VersionError as e:
+            return self._error(wid, rid, "bad_version", str(e))
+        self._touch(wid, now)
+        if decision.accepted and wid in self._committed:
+            why = f"sync mode: already committed version {self.version}; wait for the barrier"
+            decision = CommitDecision(accepted=False, staleness=0, weight=0.0, reason=why)
+        after: list[Outgoing] = []
+        if not decision.accepted:
+            self._counters["commits_rejected"] += 1
+        else:
+            self._remember(cid, decision)
+            self._agg = add_commit(
+                self._agg,
+                msg.hypergradient,
+                decision.staleness,
+                decision.weight,
+                msg.metrics if isinstance(msg.metrics, Mapping) else None,
+            )
+            self._counters["commits_accepted"] += 1
+            s = decision.staleness
+            self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
+            if self.config.mode == "sync":
+                self._committed[wid] = None
+            elif self._agg.count >= self.config.min_commits:
+                after = self._step()
+        after.extend(self._after_change(now))
+        status: CommitStatus = "accepted" if decision.accepted else "rejected"
+        return [self._commit_reply(wid, rid, cid, status, decision), *after]
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _error(self, to: str, rid: int, code: ErrorCode, message: str) -> list[Outgoing]:
+        self._counters["errors"] += 1
+        self._errors_by_code[code] = self._errors_by_code.get(code, 0) + 1
+        return [Outgoing(to, ErrorReply(request_id=rid, code=code, message=message))]
+
+    def _commit_reply(
+        self, wid: str, rid: int, cid: str, status: CommitStatus, decision: CommitDecision
+    ) -> Outgoing:
+        reply = CommitReply(
+            request_id=rid,
+            commit_id=cid,
+            status=status,
+            staleness=decision.staleness,
+            weight=decision.weight,
+            version=self.version,
+            reason=decision.reason,
+        )
+        return Outgoing(wid, reply)
+
+    def _touch(self, wid: str, now: float) -> None:
+        """The worker is alive at ``now``: renew its liveness and its lease."""
+        self._workers[wid] = now
+        self._queue.heartbeat(wid, now)
+
+    def _remember(self, cid: str, decision: CommitDecision) -> None:
+        self._seen[cid] = (decision.staleness, decision.weight)
+        while len(self._seen) > self.config.dedupe_window:
+            self._seen.popitem(last=False)
+
+    def _forget(self, wid: str) -> None:
+        """Drop a worker with its lease and deferred checkout."""
+        self._workers.pop(wid, None)
+        self._pending.pop(wid, None)
+        self._drop_from_queue(wid)
+
+    def _drop_from_queue(self, wid: str) -> None:
+        try:
+            self._queue.release(wid)
+        except UnknownWorkerError:
+            pass  # held no lease and waited for none
+
+    def _params_for_reply(self) -> TensorDict:
+        """λ for a granted checkout: MetaState's copy for this version, shared read-only.
+
+        The optimizer works on separate leaf tensors and every step installs freshly copied
+        tensors in the MetaState, so these are never modified in place afterwards: a reply keeps
+        the λ of its version and is safe to send zero-copy. Consumers must not modify them.
+        """
+        return dict(self._meta.outer_params)
+
+    def _grant(self, wid: str, rid: int, have: int) -> Outgoing:
+        self._counters["checkouts_granted"] += 1
+        if have == self.version:
+            self._counters["checkouts_not_modified"] += 1
+            reply = CheckoutReply(request_id=rid, status="not_modified", version=self.version)
+        else:
+            reply = CheckoutReply(
+                request_id=rid,
+                status="granted",
+                version=self.version,
+                outer_params=self._params_for_reply(),
+            )
+        return Outgoing(wid, reply)
+
+    def _sweep(self, now: float) -> list[Outgoing]:
+        """Expire workers silent for ``lease_timeout`` and stray leases; then re-decide."""
+        timeout = self.config.lease_timeout
+        expired = [w for w, seen in self._workers.items() if seen + timeout <= now]
+        held = self._queue.leases
+        for w in expired:
+            self._counters["leases_expired"] += int(w in held)
+            self._counters["workers_expired"] += 1
+            self._forget(w)
+        self._counters["leases_expired"] += len(self._queue.expire(now))
+        return self._after_change(now)
+
+    def _after_change(self, now: float) -> list[Outgoing]:
+        """Answer what a freed window / completed barrier now allows."""
+        if self._done:
+            return []
+        out: list[Outgoing] = []
+        if self.config.mode == "async":
+            for wid, _version in self._queue.grant_deferred(now):
+                pending = self._pending.pop(wid, None)
+                if pending is None:  # nobody to tell: do not let a phantom lease hold the window
+                    self._drop_from_queue(wid)
+                    continue
+                self._counters["deferred_granted"] += 1
+                out.append(self._grant(wid, pending.request_id, pending.have_version))
+            return out
+        assert self.config.num_workers is not None  # validated for sync mode
+        if not sync_barrier_ready(
+            self._committed.keys(), self._workers.keys(), self.config.num_workers, self._started
+        ):
+            return out
+        out.extend(self._step())
+        if not self._done:
+            waiting, self._pending = self._pending, {}
+            for wid, pending in waiting.items():
+                self._queue.checkout(wid, now)  # sync mode has no window: always granted
+                self._counters["deferred_granted"] += 1
+                out.append(self._grant(wid, pending.request_id, pending.have_version))
+        return out
+
+    def _step(self) -> list[Outgoing]:
+        """One outer step with ``(1/n) Σ w_i g_i``; returns shutdown notices if now done."""
+        grad = aggregate_gradient(self._agg)
+        if self.config.optimizer == "sgd":
+            # plain SGD, λ ← λ − lr·g, applied directly: the same arithmetic as
+            # torch.optim.SGD(lr) without its per-call hook/profiler overhead (~15 µs a step,
+            # a fifth of a small commit's cost); plain SGD keeps no optimizer state.
+            with torch.no_grad():
+                for k, leaf in self._leaves.items():
+                    leaf.sub_(grad[k].to(device=leaf.device, dtype=leaf.dtype),
+                              alpha=self.config.outer_lr)
+        else:
+            for k, leaf in self._leaves.items():
+                leaf.grad = grad[k].to(device=leaf.device, dtype=leaf.dtype)
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
+        self._meta.update(td.detach(self._leaves), **aggregate_metrics(self._agg))
+        self._queue.advance()
+        self._agg = empty_aggregate()
+        self._committed.clear()
+        self._counters["steps"] += 1
+        max_steps = self.config.max_steps
+        if max_steps is not None and self._counters["steps"] >= max_steps:
+            return self._finish()
+        return []
+
+    def _done_reason(self) -> str:
+        return f"job done: {self.config.max_steps} outer steps taken (version {self.version})"
+
+    def _finish(self) -> list[Outgoing]:
+        self._done = True
+        out = []
+        for wid in self._workers:
+            pending = self._pending.pop(wid, None)
+            rid = -1 if pending is None else pending.request_id
+            out.append(Outgoing(wid, ShutdownNotice(request_id=rid, reason=self._done_reason())))
+        for wid in self._queue.deferred:
+            self._drop_from_queue(wid)
+        return out
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """λ, version, history, optimizer state, counters and remembered commit ids (for
+        ``torch.save``). Workers, leases and deferred checkouts are not saved: after a restore
+        workers register again."""
+        meta = self._meta.state_dict()
+        meta["optimizer_state"] = copy.deepcopy(self._optimizer.state_dict())
+        return {
+            "meta": meta,
+            "done": self._done,
+            "counters": dict(self._counters),
+            "seen_commits": [(cid, s, w) for cid, (s, w) in self._seen.items()],
+            "aggregate": aggregate_state(self._agg),
+            "sync_committed": list(self._committed),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` output. Workers, leases and deferred checkouts start
+        empty (workers register again); commits buffered towards the next step are kept."""
+        missing = {"meta", "counters"} - set(state)
+        if missing:
+            raise ChronosTypeError(
+                f"state dict lacks {sorted(missing)}; pass CoordinatorState.state_dict() output"
+            )
+        self._meta.load_state_dict(state["meta"])
+        self._reset_runtime()
+        opt_state = state["meta"].get("optimizer_state")
+        if opt_state:
+            self._optimizer.load_state_dict(copy.deepcopy(opt_state))
+        self._counters = dict.fromkeys(_COUNTERS, 0) | {
+            k: int(v) for k, v in state["counters"].items() if k in _COUNTERS
+        }
+        self._done = bool(state.get("done", False))
+        self._seen = OrderedDict(
+            (cid, (int(s), float(w))) for cid, s, w in state.get("seen_commits", [])
+        )
+        if state.get("aggregate") is not None:
+            self._agg = aggregate_from_state(state["aggregate"], self._meta.outer_params)
+        self._committed = dict.fromkeys(state.get("sync_committed", []))

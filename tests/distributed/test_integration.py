@@ -1,0 +1,177 @@
+"""End-to-end: a real coordinator, real worker processes / threads, real sockets on 127.0.0.1."""
+
+import pickle
+import threading
+
+import msgpack
+import pytest
+import torch
+
+from chronos.benchmarks.problems import digits_ridge
+from chronos.core import InnerProblem
+from chronos.distributed.coordinator import Coordinator
+from chronos.distributed.launcher import RunConfig, run_local
+from chronos.distributed.messages import ErrorReply, Heartbeat, Register, Registered
+from chronos.distributed.protocol import PROTOCOL_VERSION, decode, encode
+from chronos.distributed.transport import ClientTransport
+from chronos.distributed.worker import Worker, WorkerConfig
+
+RIDGE = "chronos.benchmarks.problems:digits_ridge"
+OPTIMUM = digits_ridge().optimal_log_decay()
+
+
+def _final(result):
+    return float(result.outer_params["log_decay"])
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_processes_converge_to_closed_form_optimum(mode):
+    cfg = RunConfig(problem=RIDGE, workers=2, mode=mode, max_steps=40, outer_lr=2.0,
+                    max_staleness=3, timeout=120)
+    result = run_local(cfg)
+    assert result.completed and result.version == 40
+    assert abs(_final(result) - OPTIMUM) < 0.02, (_final(result), OPTIMUM)
+    assert all(code == 0 for code in result.worker_exitcodes), result.worker_exitcodes
+    s = result.stats
+    assert s["bytes_received"] > 0 and s["bytes_sent"] > 0
+    if mode == "sync":
+        # every step averaged one commit of each of the 2 workers, all fresh
+        assert all(h["commits"] == 2 and h["mean_staleness"] == 0 for h in result.history)
+        assert s["commits_accepted"] == 80
+
+
+@pytest.mark.timeout(150)
+def test_slow_worker_is_rejected_when_too_stale():
+    # worker 1 is 0.6 s slower per iteration; with max_staleness=0 its commits are stale
+    cfg = RunConfig(problem=RIDGE, workers=2, max_steps=12, outer_lr=1.0, max_staleness=0,
+                    max_in_flight=4, straggler_delay=(0.0, 0.6), timeout=120,
+                    inner_steps=30)
+    result = run_local(cfg)
+    assert result.completed
+    s = result.stats
+    assert s["commits_rejected"] >= 1
+    assert set(s["accepted_by_staleness"]) <= {0}
+
+
+@pytest.mark.timeout(150)
+def test_slow_worker_commits_are_down_weighted_exactly():
+    cfg = RunConfig(problem=RIDGE, workers=2, max_steps=15, outer_lr=1.0, max_staleness=4,
+                    max_in_flight=4, decay=0.5, straggler_delay=(0.0, 0.4), timeout=120,
+                    inner_steps=30)
+    result = run_local(cfg)
+    assert result.completed
+    stale = [h for h in result.history if h.get("mean_staleness", 0) > 0]
+    assert stale, "the slow worker never committed a stale result"
+    for h in result.history:  # min_commits=1: one commit per step
+        assert h["commits"] == 1
+        assert h["weight_sum"] == pytest.approx(0.5 ** h["mean_staleness"], rel=1e-12)
+
+
+def _ridge_problem():
+    return digits_ridge()
+
+
+@pytest.mark.timeout(60)
+def test_worker_threads_see_exact_weights_and_heartbeats():
+    with Coordinator(_ridge_problem().default_outer_params(), port=0, max_in_flight=2,
+                     max_staleness=1, decay=0.25, outer_lr=1.0, heartbeat_interval=0.2,
+                     lease_timeout=5.0) as coord:
+        workers = [
+            Worker(_ridge_problem(), WorkerConfig(coordinator_addr=coord.address,
+                                                  worker_id=f"t{i}", inner_steps=20,
+                                                  straggler_delay=0.3 * i))
+            for i in range(2)
+        ]
+        threads = [threading.Thread(target=w.run, kwargs={"max_iterations": 6}) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(50)
+        assert not any(t.is_alive() for t in threads)
+        replies = [r for w in workers for r in w.commit_log]
+        assert len(replies) == 12
+        for r in replies:
+            if r.status == "accepted":
+                assert r.staleness <= 1 and r.weight == 0.25**r.staleness
+            else:
+                assert r.status == "rejected" and r.staleness > 1 and "max_staleness" in r.reason
+        assert workers[1].stats()["heartbeats"] >= 2  # sent while it was busy
+        assert coord.version == sum(r.status == "accepted" for r in replies)
+
+
+def _send_raw(address, frames):
+    with ClientTransport(address, identity=b"raw-client") as c:
+        c.send(frames)
+        reply = c.recv(timeout_ms=5000)
+    assert reply is not None, "no reply"
+    return decode(reply)
+
+
+@pytest.mark.timeout(60)
+def test_bad_frames_get_error_replies_and_change_nothing():
+    with Coordinator({"lam": torch.ones(3)}, port=0) as coord:
+        before = coord.outer_params["lam"].clone()
+
+        class Evil:
+            def __reduce__(self):
+                return (exec, ("import os; os._exit(3)",))
+
+        cases = {
+            "pickle": [pickle.dumps(Evil())],
+            "malformed": [b"\xff\x00not msgpack at all"],
+            "unknown_op": [msgpack.packb({"op": "rm -rf", "pv": PROTOCOL_VERSION,
+                                          "request_id": 5, "tensors": []})],
+            "bad_version": [msgpack.packb({"op": "heartbeat", "pv": PROTOCOL_VERSION + 9,
+                                           "request_id": 6, "worker_id": "x", "tensors": []})],
+        }
+        for name, frames in cases.items():
+            reply = _send_raw(coord.address, frames)
+            assert isinstance(reply, ErrorReply), (name, reply)
+        # a well-formed message from an unregistered worker is refused too
+        reply = _send_raw(coord.address, encode(Heartbeat(request_id=1, worker_id="raw-client")))
+        assert isinstance(reply, ErrorReply) and reply.code == "unknown_worker"
+        s = coord.stats()
+        assert s["decode_errors"] >= 4 and s["errors"] >= 1
+        assert coord.version == 0 and torch.equal(coord.outer_params["lam"], before)
+        assert coord.running  # still serving
+        ok = _send_raw(coord.address, encode(Register(request_id=2, worker_id="raw-client")))
+        assert isinstance(ok, Registered)
+
+
+@pytest.mark.timeout(60)
+def test_seed_readme_distributed_quick_start():
+    X, y = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    inner_problem = InnerProblem.from_functions(
+        inner_loss=lambda p, h: ((X @ p["w"] - y) ** 2).mean() + h["lr"] * (p["w"] ** 2).sum(),
+        outer_loss=lambda p, h: ((X @ p["w"] - y) ** 2).mean(),
+        init_params={"w": torch.zeros(4, dtype=torch.float64)},
+        optimizer="lbfgs", inner_lr=1.0, num_steps=20,
+    )
+    from chronos.distributed import Coordinator, Worker, WorkerConfig
+
+    # Start coordinator
+    coordinator = Coordinator(
+        outer_params={"lr": 0.01},
+        port=0,               # the README uses 5555; 0 picks a free port for the test
+        max_in_flight=3,      # Bounded asynchrony
+        max_staleness=2,      # Reject too-stale commits
+    )
+    coordinator.start()
+    port = coordinator.port
+
+    # Start workers (on each node)
+    worker = Worker(inner_problem, WorkerConfig(
+        coordinator_addr=f"tcp://localhost:{port}",
+        significance_threshold=0.01,  # Sparse communication
+    ))
+    worker.connect()
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        assert coordinator.wait_for_version(3, timeout=40)
+    finally:
+        coordinator.stop()
+        runner.join(20)
+    assert not runner.is_alive()
+    assert worker.stats()["iterations"] >= 3
