@@ -27,6 +27,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m chronos.benchmarks.hypergrad
+	$(PY) -m chronos.benchmarks.protocol
+	$(PY) -m chronos.benchmarks.report
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

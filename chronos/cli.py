@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, str] = {
     "hypergrad": "chronos.benchmarks.hypergrad",
     "protocol": "chronos.benchmarks.protocol",
+    "report": "chronos.benchmarks.report",
 }
 
 

@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="hypergradient steps on the per-feature strengths (0: skip)")
     parser.add_argument("--outer-lr", type=float, default=30.0,
                         help="SGD step size on the log strengths")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest for these small problems)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     problem = digits_weight_decay(per_feature=True, seed=args.seed)

@@ -1,0 +1,27 @@
+from chronos.benchmarks.report import END, START, render, table_rows, update_readme
+
+
+def test_rows_mark_targets_met_and_missed():
+    rows = table_rows({
+        "hypergrad": {"comparison": {"ratio_chronos_over_torchopt": 0.9,
+                                     "rel_diff_chronos_torchopt": 1e-6},
+                      "warm_start": {"iteration_reduction": 0.5}},
+        "protocol": {"ratios": {"4mb_round_trip_chronos_over_raw": 1.2,
+                                "throughput_chronos_over_raw": 0.1,
+                                "tiny_round_trip_chronos_over_raw": 3.0}},
+    })
+    met = {r[0].split(",")[0]: r[3] for r in rows}
+    assert met["Hypergradient time"] == "**no**"
+    assert met["CG iterations saved by warm start (20 outer steps)"] == "yes"
+    assert met["4 MB checkout+commit round trip / raw zero-copy echo"] == "yes"
+    assert met["Small-commit throughput / raw DEALER-ROUTER echo (8 clients)"] == "**no**"
+
+
+def test_missing_results_say_not_run_and_readme_is_rewritten(tmp_path):
+    block = render({}, when="2026-01-01")
+    assert "not run" in block and "2026-01-01" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold\n{END}\nrest\n")
+    update_readme(readme, block)
+    text = readme.read_text()
+    assert "old" not in text and "not run" in text and text.endswith("rest\n")
