@@ -63,6 +63,7 @@ class LogisticRegressionProblem(InnerProblem):
     inner_lr = 1.0
     optimizer = "lbfgs"
     tol = 1e-5
+    default_outer_lr = 30.0  # SGD step on the log strengths (their hypergradients are ~1e-3)
 
     def __init__(
         self,
@@ -159,6 +160,7 @@ class RidgeProblem(InnerProblem):
     inner_lr = 1.0
     optimizer = "lbfgs"
     tol = 1e-6
+    default_outer_lr = 2.0
 
     def __init__(
         self,

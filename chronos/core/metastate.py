@@ -69,6 +69,36 @@ class MetaState:
         self.record(**metrics)
         return self.version
 
+    def adopt(self, new_params: Mapping[str, Tensor], **metrics: Any) -> int:
+        """Like :meth:`update`, but install ``new_params``' tensors as they are, without a copy.
+
+        For a caller that computed new tensors for the new version, sharing no memory with the
+        current ones (e.g. an optimizer step written into a buffer of its own), and hands them
+        over: it must not modify them afterwards. MetaState never modifies its tensors in place
+        either, so a reader may keep the previous version's tensors (e.g. frames still being
+        sent zero-copy). Tensors that require grad are detached (a view: no copy).
+
+        Example:
+            >>> import torch
+            >>> m = MetaState({"lr": 0.01})
+            >>> new = {"lr": torch.tensor(0.02)}
+            >>> m.adopt(new, outer_loss=0.5), m.outer_params["lr"] is new["lr"]
+            (1, True)
+        """
+        old = self.outer_params
+        if not (
+            isinstance(new_params, Mapping)
+            and new_params.keys() == old.keys()
+            and all(
+                isinstance(v, Tensor) and v.shape == old[k].shape for k, v in new_params.items()
+            )
+        ):
+            td.check_same_structure(old, new_params, "MetaState.adopt()")  # raises: says why
+        self.outer_params = {k: v.detach() if v.requires_grad else v for k, v in new_params.items()}
+        self.version += 1
+        self.record(**metrics)
+        return self.version
+
     def record(self, **metrics: Any) -> None:
         """Append ``{"version": current, **metrics}`` to the history."""
         self.history.append({"version": self.version, **metrics})

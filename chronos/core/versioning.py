@@ -57,12 +57,16 @@ __all__ = [
 
 
 def _check_worker_id(worker_id: object) -> str:
+    if type(worker_id) is str and worker_id:  # the common case, cheaply (a hot path)
+        return worker_id
     if not isinstance(worker_id, str) or not worker_id:
         raise ChronosTypeError(f"worker_id must be a non-empty str, got {worker_id!r}")
     return worker_id
 
 
 def _check_time(now: object) -> float:
+    if type(now) is float and math.isfinite(now):  # the common case, cheaply (a hot path)
+        return now
     if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
         raise ChronosTypeError(f"now must be a finite number of seconds, got {now!r}")
     return float(now)
@@ -146,7 +150,7 @@ class VersionTracker:
 
     def staleness(self, version: int) -> int:
         """``current − version``; raises :class:`VersionError` for a version never issued."""
-        if isinstance(version, bool) or not isinstance(version, int):
+        if type(version) is not int and (isinstance(version, bool) or not isinstance(version, int)):
             raise VersionError(f"version must be an int, got {version!r}")
         if version < 0 or version > self.current:
             raise VersionError(

@@ -56,6 +56,7 @@ __all__ = [
     "aggregate_gradient",
     "aggregate_metrics",
     "aggregate_state",
+    "all_finite",
     "build_outer_optimizer",
     "check_hypergradient",
     "empty_aggregate",
@@ -202,7 +203,7 @@ def check_hypergradient(
         return "bad_tensor", (
             f"hypergradient must be a dict of tensors, got {type(hypergradient).__name__}"
         )
-    if set(hypergradient.keys()) != set(reference.keys()):
+    if hypergradient.keys() != reference.keys():
         missing = sorted(set(reference) - {k for k in hypergradient if isinstance(k, str)})
         extra = sorted(str(k) for k in set(hypergradient) - set(reference))
         return "bad_tensor", (
@@ -219,11 +220,32 @@ def check_hypergradient(
                 f"like the outer parameter, got shape {tuple(g.shape)} and dtype {g.dtype}"
             )
     for k, g in hypergradient.items():
-        # a NaN/Inf entry makes the sum non-finite, so a finite sum proves all entries finite in
-        # one pass without temporaries; only a non-finite sum (maybe overflow) needs the full test
-        if not math.isfinite(float(g.sum())) and not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             return "non_finite", f"hypergradient[{k!r}] contains NaN or Inf; nothing applied"
     return None
+
+
+_SMALL_NUMEL = 64  # up to this many elements, Python floats beat a torch reduction
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of the floating-point tensor ``t`` is finite, in one pass.
+
+    NaN and ±Inf propagate through IEEE addition, so a finite sum proves every entry finite
+    without the temporaries of ``isfinite(t).all()`` (~40x slower on 1M floats); only a
+    non-finite sum (perhaps an overflow of finite values) needs the exact test. Small tensors
+    are summed as Python floats (cheaper than launching a torch reduction).
+
+    Example:
+        >>> all_finite(torch.ones(3)), all_finite(torch.tensor([1.0, float("inf")]))
+        (True, False)
+        >>> all_finite(torch.full((100,), 3e38))   # the float32 sum overflows; entries finite
+        True
+    """
+    if t.numel() <= _SMALL_NUMEL:
+        vals = t.tolist() if t.dim() == 1 else t.reshape(-1).tolist()
+        return math.isfinite(sum(vals)) or all(map(math.isfinite, vals))
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -232,6 +254,9 @@ def check_hypergradient(
 @dataclass(frozen=True, eq=False)
 class Aggregate:
     """Commits accepted since the last outer step: ``total = Σ_i w_i g_i`` and bookkeeping.
+
+    ``total``'s tensors belong to the aggregate, never to a caller (see :func:`add_commit`), so
+    whoever consumes it for a step and then drops it may reuse their memory.
 
     ``metric_sums`` maps a worker metric name to ``(sum, count)`` over the commits that reported
     a finite number for it.
@@ -262,18 +287,37 @@ def add_commit(
     staleness: int,
     weight: float,
     metrics: Mapping[str, object] | None = None,
+    *,
+    take: bool = False,
 ) -> Aggregate:
     """A new aggregate with one more commit: ``total + weight · hypergradient``.
 
-    ``hypergradient`` must already be validated (:func:`check_hypergradient`); it is not
-    modified, and the aggregate never aliases it. Metrics that are not finite numbers, or whose
-    names the coordinator uses itself, are ignored.
+    ``hypergradient`` must already be validated (:func:`check_hypergradient`). By default it is
+    left untouched and never aliased: ``total`` is always the aggregate's own memory. With
+    ``take=True`` the caller hands the hypergradient's tensors over (nobody else may use them
+    any more, e.g. they were just decoded from the wire): a first commit of weight 1 then
+    becomes ``total`` as it is, without a copy (``1 · g`` is ``g``). Metrics that are not finite
+    numbers, or whose names the coordinator uses itself, are ignored.
+
+    Example:
+        >>> g = {"lam": torch.ones(2)}
+        >>> shares = lambda agg: agg.total["lam"].data_ptr() == g["lam"].data_ptr()
+        >>> shares(add_commit(empty_aggregate(), g, 0, 1.0, take=True))
+        True
+        >>> shares(add_commit(empty_aggregate(), g, 0, 1.0)), shares(add_commit(
+        ...     empty_aggregate(), g, 1, 0.5, take=True))
+        (False, False)
     """
-    g = {k: v.detach() for k, v in hypergradient.items()}
-    if agg.count == 0:  # one pass per tensor: no zeros to add to
-        total = {k: v * weight for k, v in g.items()}
+    if agg.count == 0:  # one pass per tensor (or none): no zeros to add to
+        if take and weight == 1.0:
+            total = {k: v.detach() for k, v in hypergradient.items()}
+        else:
+            total = {k: v.detach() * weight for k, v in hypergradient.items()}
     else:
-        total = {k: v.add(g[k].to(v.device), alpha=weight) for k, v in agg.total.items()}
+        total = {
+            k: v.add(hypergradient[k].detach().to(v.device), alpha=weight)
+            for k, v in agg.total.items()
+        }
     sums = dict(agg.metric_sums)
     for name, raw in (metrics or {}).items():
         value = _finite_number(raw)
@@ -291,7 +335,11 @@ def add_commit(
 
 
 def aggregate_gradient(agg: Aggregate) -> TensorDict:
-    """``(1/n) Σ_i w_i g_i`` (see the module docstring for why not ``/ Σ_i w_i``)."""
+    """``(1/n) Σ_i w_i g_i`` (see the module docstring for why not ``/ Σ_i w_i``).
+
+    The tensors are ``agg``'s own or fresh ones: a caller that drops ``agg`` afterwards may
+    write into them (the coordinator's SGD step computes the next λ in their memory).
+    """
     if agg.count < 1:
         raise ChronosTypeError("aggregate_gradient() needs at least one commit")
     if agg.count == 1:

@@ -255,14 +255,9 @@ class Coordinator:
         next_tick = 0.0
         try:
             while not self._stop.is_set():
-                item = transport.recv(timeout_ms=poll_ms)
-                handled = 0
-                while item is not None:
-                    self._on_frames(*item)
-                    handled += 1
-                    if handled >= _BATCH:
-                        break
-                    item = transport.recv(timeout_ms=0)
+                # everything already queued (at most _BATCH), each answered as soon as handled
+                for identity, frames in transport.poll(timeout_ms=poll_ms, max_messages=_BATCH):
+                    self._on_frames(identity, frames)
                 now = time.monotonic()
                 if now >= next_tick:  # handle() already does what tick() would at its time
                     with self._lock:
@@ -280,7 +275,10 @@ class Coordinator:
         assert self._transport is not None
         name = _identity_name(identity)
         try:
-            msg = decode(frames, self._transport.limits)
+            # tensor values are checked by the state machine (check_hypergradient refuses
+            # NaN/Inf in a commit, the only inbound message with tensors; it refuses the others
+            # unread): one finiteness pass over a big hypergradient instead of two
+            msg = decode(frames, self._transport.limits, check_finite=False)
         except DecodeError as e:
             self._net["decode_errors"] += 1
             log.warning("refused a message from %s: %s (%s)", name, e.code, e)
@@ -288,8 +286,8 @@ class Coordinator:
             self._transport.send(identity, encode(reply))
             return
         self._identities[name] = identity
-        with self._lock:
-            out = self._state.handle(name, msg, time.monotonic())
+        with self._lock:  # owned: the decoded tensors are ours alone (reused, not copied)
+            out = self._state.handle(name, msg, time.monotonic(), owned=True)
         self._send_all(out)
 
     def _send_all(self, out: list[Outgoing]) -> None:

@@ -7,8 +7,11 @@ in the launcher, whose problem's ``default_outer_params()`` gives the initial λ
 Worker processes start with the ``spawn`` method (torch thread pools and ZeroMQ contexts do
 not survive a fork), call ``torch.set_num_threads`` so N workers do not oversubscribe the
 cores, and talk to the coordinator over TCP on 127.0.0.1. :func:`run_local` returns when the
-coordinator reaches ``max_steps`` (it then tells every worker to stop), on timeout, or on
-Ctrl-C, and always stops every process it started.
+coordinator reaches ``max_steps`` (it then tells every worker to stop), when every worker
+exited, or on timeout; Ctrl-C raises ``KeyboardInterrupt`` after the cleanup. Either way every
+process it started is stopped: workers ignore SIGINT (the launcher owns Ctrl-C), leave on the
+coordinator's ShutdownNotice, stop cleanly on SIGTERM, and stop by themselves if the launcher
+dies.
 
 Example:
     >>> cfg = RunConfig(problem="chronos.benchmarks.problems:digits_ridge", workers=2,
@@ -19,24 +22,44 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import InnerProblem
+from chronos.core.tensordict import TensorDict
 from chronos.distributed.coordinator import Coordinator
 from chronos.distributed.worker import Worker, WorkerConfig
 
-__all__ = ["RunConfig", "RunResult", "load_factory", "run_local", "worker_main"]
+__all__ = [
+    "DEFAULT_PROBLEM",
+    "RunConfig",
+    "RunResult",
+    "initial_outer_params",
+    "load_factory",
+    "make_problem",
+    "outer_losses",
+    "run_local",
+    "worker_main",
+]
+
+DEFAULT_PROBLEM = "chronos.benchmarks.problems:digits_weight_decay"
 
 log = logging.getLogger("chronos.launcher")
 
@@ -44,42 +67,127 @@ Factory = Callable[[int, int], InnerProblem]
 
 
 def load_factory(spec: str) -> Factory:
-    """Import ``package.module:factory`` and return the factory."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
+    """Import ``package.module:factory`` and return the factory.
+
+    Raises :class:`ConfigError` (one line, saying what to fix) for a malformed spec, a module
+    that cannot be imported (or fails while importing) and a missing or non-callable attribute.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ConfigError(
             f"PROBLEM must look like 'package.module:factory', got {spec!r} "
-            "(e.g. chronos.benchmarks.problems:digits_weight_decay)"
+            f"(e.g. {DEFAULT_PROBLEM})"
         )
     module_name, attr = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"cannot import {module_name!r} from PROBLEM {spec!r}: {e}") from None
+        raise ConfigError(f"cannot import {module_name!r} (PROBLEM {spec!r}): {e}") from None
+    except Exception as e:  # the module itself failed while importing
+        raise ConfigError(
+            f"importing {module_name!r} (PROBLEM {spec!r}) failed: {type(e).__name__}: {e}"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"{module_name!r} has no callable {attr!r} (PROBLEM {spec!r})")
-    return factory
+        raise ConfigError(f"module {module_name!r} has no callable {attr!r} (PROBLEM {spec!r})")
+    return cast(Factory, factory)
 
 
 def make_problem(spec: str, rank: int, world_size: int) -> InnerProblem:
-    """Call the factory and check that it returned an :class:`InnerProblem`."""
-    problem = load_factory(spec)(rank, world_size)
+    """Call the factory as ``factory(rank, world_size)`` and check it gave an InnerProblem."""
+    factory = load_factory(spec)
+    try:
+        problem = factory(rank, world_size)
+    except ChronosError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"PROBLEM factory {spec!r} failed for rank {rank} of {world_size}: "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if not isinstance(problem, InnerProblem):
         raise ConfigError(
-            f"factory {spec!r} returned {type(problem).__name__}, not an InnerProblem"
+            f"PROBLEM factory {spec!r} returned {type(problem).__name__}, not an InnerProblem"
         )
     return problem
+
+
+def default_outer_lr(problem: InnerProblem) -> float:
+    """The problem's ``default_outer_lr`` attribute (a step size suited to its λ), else 0.1."""
+    lr = getattr(problem, "default_outer_lr", 0.1)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"{type(problem).__name__}.default_outer_lr must be a number > 0, "
+                          f"got {lr!r}")
+    return float(lr)
+
+
+def initial_outer_params(problem: InnerProblem, spec: str) -> TensorDict:
+    """The problem's ``default_outer_params()``: the coordinator's initial λ."""
+    init = getattr(problem, "default_outer_params", None)
+    if not callable(init):
+        raise ConfigError(
+            f"the problem from {spec!r} needs a default_outer_params() method giving the "
+            "initial outer parameters"
+        )
+    return td.clone(td.as_tensor_dict(init(), what="default_outer_params()"))
 
 
 def worker_main(
     spec: str, rank: int, world_size: int, config: WorkerConfig,
     max_iterations: int | None = None, log_level: int = logging.WARNING,
 ) -> None:
-    """Entry point of a worker process (picklable for the ``spawn`` start method)."""
+    """Entry point of a worker process started by :func:`run_local` (``spawn``).
+
+    Ctrl-C belongs to the launcher: SIGINT is ignored here (the launcher starts its workers
+    with SIGINT ignored already, so not even their imports are interrupted). SIGTERM, a
+    ShutdownNotice or the launcher's death stop the worker cleanly (exit code 0); a
+    :class:`ChronosError` is logged as one line and exits with code 1.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=f"[worker {rank}] %(levelname)s %(message)s")
+    logging.captureWarnings(True)  # e.g. solver ConvergenceWarnings, tagged with the rank
     torch.set_num_threads(config.num_threads or 1)
-    problem = make_problem(spec, rank, world_size)
-    Worker(problem, config).run(max_iterations=max_iterations)
+    holder: list[Worker] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not holder:  # still starting up: nothing to clean up yet
+            raise SystemExit(0)
+        holder[0].stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        problem = make_problem(spec, rank, world_size)
+        worker = Worker(problem, config)
+        holder.append(worker)
+        _stop_when_parent_dies(worker)
+        worker.run(max_iterations=max_iterations)  # closes its socket and thread on the way out
+    except ChronosError as e:
+        logging.getLogger("chronos.launcher").error("%s", e)
+        raise SystemExit(1) from None
+    if mp.parent_process() is None:  # called in-process (not as a spawned worker): return
+        return
+    # Everything this process opened is closed now. Skip the interpreter's teardown of torch /
+    # scikit-learn module state: it takes ~1 s per process (2.4 s for 4 workers on 2 cores),
+    # which is most of the time a finished job spends waiting for its workers.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def _stop_when_parent_dies(worker: Worker) -> None:
+    """Stop ``worker`` if the launcher process disappears (e.g. it was SIGKILLed)."""
+    parent = mp.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is None:
+        return
+
+    def watch() -> None:
+        mp.connection.wait([sentinel])
+        logging.getLogger("chronos.launcher").warning("the launcher is gone; stopping")
+        worker.stop()
+
+    threading.Thread(target=watch, name="chronos-parent-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -97,7 +205,7 @@ class RunConfig:
     max_in_flight: int = 3
     max_staleness: int = 2
     decay: float = 0.5
-    outer_lr: float = 0.1
+    outer_lr: float | None = None  # None: the problem's default_outer_lr, else 0.1
     optimizer: str = "sgd"
     min_commits: int = 1
     lease_timeout: float = 20.0
@@ -112,19 +220,32 @@ class RunConfig:
     worker_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or self.workers < 1:
+        if not isinstance(self.problem, str):
+            raise ConfigError(f"problem must be a 'package.module:factory' str, got "
+                              f"{self.problem!r}")
+        if not _is_int(self.workers) or self.workers < 1:
             raise ConfigError(f"workers must be an int >= 1, got {self.workers!r}")
-        if self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if not self.timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.mode not in ("async", "sync"):
+            raise ConfigError(f"mode must be 'async' or 'sync', got {self.mode!r}")
+        if not _is_int(self.max_steps) or self.max_steps < 1:
+            raise ConfigError(f"max_steps must be an int >= 1, got {self.max_steps!r}")
+        if not _is_int(self.threads_per_worker) or self.threads_per_worker < 1:
+            raise ConfigError(
+                f"threads_per_worker must be an int >= 1, got {self.threads_per_worker!r}"
+            )
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout!r}")
         self.straggler_delays()  # validates
 
     def straggler_delays(self) -> tuple[float, ...]:
         """One injected delay per worker."""
         d = self.straggler_delay
-        delays = (float(d),) * self.workers if isinstance(d, (int, float)) else tuple(d)
-        if len(delays) != self.workers or any(x < 0 for x in delays):
+        try:
+            delays = (float(d),) * self.workers if isinstance(d, (int, float)) else tuple(
+                float(x) for x in d)
+        except (TypeError, ValueError):
+            delays = ()
+        if len(delays) != self.workers or not all(0 <= x < math.inf for x in delays):
             raise ConfigError(
                 f"straggler_delay must be one number >= 0 or {self.workers} of them, got {d!r}"
             )
@@ -163,51 +284,63 @@ def run_local(
     """Start the coordinator and ``cfg.workers`` worker processes; run until done.
 
     ``progress`` (if given) is called about every ``progress_interval`` seconds with the
-    coordinator's :meth:`~Coordinator.stats` plus ``outer_loss`` and ``commits_per_s``.
+    coordinator's :meth:`~Coordinator.stats` plus ``outer_loss`` (the mean over the last
+    ``workers`` steps: each step's loss comes from one worker's shard), ``elapsed_s``,
+    ``commits_per_s`` (accepted) and ``workers_running``.
+
+    Returns when the coordinator reached ``max_steps`` (``completed``), every worker process
+    exited, or ``timeout`` passed. A ``KeyboardInterrupt`` propagates, but only after every
+    worker process was stopped. Every process started here is stopped (ShutdownNotice, then
+    SIGTERM, then SIGKILL) before this returns or raises.
     """
     problem = make_problem(cfg.problem, 0, cfg.workers)
-    init = getattr(problem, "default_outer_params", None)
-    if not callable(init):
-        raise ConfigError(
-            f"the problem from {cfg.problem!r} needs a default_outer_params() method giving the "
-            "initial outer parameters"
-        )
-    outer0 = td.clone(init())
+    outer0 = initial_outer_params(problem, cfg.problem)
+    outer_lr = default_outer_lr(problem) if cfg.outer_lr is None else cfg.outer_lr
+    del problem
     coordinator = Coordinator(
         outer0, port=cfg.port, mode=cfg.mode, num_workers=cfg.workers,
         max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
-        outer_lr=cfg.outer_lr, optimizer=cfg.optimizer, min_commits=cfg.min_commits,
+        outer_lr=outer_lr, optimizer=cfg.optimizer, min_commits=cfg.min_commits,
         max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
         heartbeat_interval=cfg.heartbeat_interval,
     )
-    coordinator.start()
+    base = WorkerConfig(**{
+        "inner_steps": cfg.inner_steps, "hypergradient": cfg.hypergradient,
+        "significance_threshold": cfg.significance_threshold,
+        "num_threads": cfg.threads_per_worker,
+        "connect_timeout": max(30.0, cfg.lease_timeout),
+        **cfg.worker_options,
+    })
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     t0 = time.perf_counter()
     completed = False
+    interrupted = False
     try:
-        base = WorkerConfig(
-            coordinator_addr=coordinator.address, inner_steps=cfg.inner_steps,
-            hypergradient=cfg.hypergradient, significance_threshold=cfg.significance_threshold,
-            num_threads=cfg.threads_per_worker, connect_timeout=max(30.0, cfg.lease_timeout),
-            **cfg.worker_options,
-        )
-        for rank, delay in enumerate(cfg.straggler_delays()):
-            wcfg = replace(base, worker_id=f"worker-{rank}", straggler_delay=delay)
-            p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
-                            name=f"chronos-worker-{rank}", daemon=True)
-            p.start()
-            procs.append(p)
+        coordinator.start()
+        with _sigint_ignored():  # children inherit SIG_IGN: Ctrl-C is the launcher's to handle
+            for rank, delay in enumerate(cfg.straggler_delays()):
+                wcfg = replace(base, coordinator_addr=coordinator.address,
+                               worker_id=f"worker-{rank}", straggler_delay=delay)
+                p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
+                                name=f"chronos-worker-{rank}", daemon=True)
+                p.start()
+                procs.append(p)
         deadline = t0 + cfg.timeout
         next_report = t0
+        failed: set[int] = set()
         while True:
             if coordinator.wait(timeout=0.1):
                 completed = coordinator.version >= cfg.max_steps
                 break
             now = time.perf_counter()
             if progress is not None and now >= next_report:
-                progress(_progress_stats(coordinator, now - t0))
+                progress(_progress_stats(coordinator, now - t0, procs))
                 next_report = now + progress_interval
+            for rank, p in enumerate(procs):
+                if rank not in failed and p.exitcode not in (None, 0):
+                    failed.add(rank)
+                    log.error("worker %d exited with code %s", rank, p.exitcode)
             if all(not p.is_alive() for p in procs):
                 log.error("every worker process exited before the job finished")
                 break
@@ -216,11 +349,15 @@ def run_local(
                           coordinator.version)
                 break
         if progress is not None:
-            progress(_progress_stats(coordinator, time.perf_counter() - t0))
+            progress(_progress_stats(coordinator, time.perf_counter() - t0, procs))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         wall = time.perf_counter() - t0
-        coordinator.stop()  # tells every worker to shut down
-        codes = _join_all(procs, timeout=10.0)
+        with _sigint_ignored():  # a second Ctrl-C must not leave orphans behind
+            coordinator.stop()  # tells every registered worker to shut down
+            codes = _join_all(procs, grace=2.0 if interrupted else 3.0)
     return RunResult(
         outer_params=coordinator.outer_params,
         version=coordinator.version,
@@ -232,29 +369,56 @@ def run_local(
     )
 
 
-def _progress_stats(coordinator: Coordinator, elapsed: float) -> dict[str, Any]:
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress_stats(coordinator: Coordinator, elapsed: float, procs: list[Any]) -> dict[str, Any]:
     s = coordinator.stats()
-    hist = coordinator.history
-    losses = [h["outer_loss"] for h in hist if isinstance(h.get("outer_loss"), float)]
-    s["outer_loss"] = losses[-1] if losses else float("nan")
+    losses = outer_losses(coordinator.history)
+    window = losses[-max(1, len(procs)):]  # one step per worker: smooths over their shards
+    s["outer_loss"] = sum(window) / len(window) if window else float("nan")
     s["elapsed_s"] = elapsed
     s["commits_per_s"] = s.get("commits_accepted", 0) / elapsed if elapsed > 0 else 0.0
+    s["workers_running"] = sum(p.is_alive() for p in procs)
     return s
 
 
-def _join_all(procs: list[Any], timeout: float) -> tuple[int | None, ...]:
-    """Join every process; terminate, then kill, whatever is still running."""
-    deadline = time.monotonic() + timeout
+def outer_losses(history: list[dict[str, Any]]) -> list[float]:
+    """The (worker-reported, mean per step) outer loss of every step that has one."""
+    return [float(h["outer_loss"]) for h in history
+            if isinstance(h.get("outer_loss"), (int, float)) and math.isfinite(h["outer_loss"])]
+
+
+def _join_all(procs: list[Any], grace: float) -> tuple[int | None, ...]:
+    """Wait up to ``grace`` s for every process; SIGTERM (a clean stop), then SIGKILL, the rest."""
+    deadline = time.monotonic() + grace
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + 3.0
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
-            p.terminate()
-            p.join(2.0)
-        if p.is_alive():
+            log.warning("worker process %s did not stop on SIGTERM; killing it", p.pid)
             p.kill()
             p.join(2.0)
     return tuple(p.exitcode for p in procs)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:

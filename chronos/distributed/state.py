@@ -42,9 +42,10 @@ Rules (DESIGN.md, "Semantics that must hold"):
   ``duplicate_worker``. ``handle(…, now)`` first does what ``tick(now)`` would do, so results
   never depend on how often the loop ticks; ``now`` is clamped to never run backwards.
 * **Replies.** A ``granted`` checkout carries λ of its version as MetaState holds it: tensors
-  never modified in place afterwards (the optimizer steps separate leaf copies and each step
-  installs fresh copies), so a reply keeps its version's λ and can be sent zero-copy; treat
-  them as read-only. ``not_modified`` (``have_version == version``) carries no tensors.
+  never modified in place afterwards (every step installs new tensors: plain SGD computes them
+  in the memory of the step's own gradient, other optimizers step separate leaves that are
+  then copied), so a reply keeps its version's λ and can be sent zero-copy; treat them as
+  read-only. ``not_modified`` (``have_version == version``) carries no tensors.
 * **Idempotence.** An accepted commit id is remembered (the last ``dedupe_window`` of them);
   re-sending it gets ``CommitReply(status="duplicate")`` with the original staleness and weight
   and applies nothing. Rejected or refused commits are not remembered.
@@ -177,6 +178,7 @@ class CoordinatorState:
                 f"config must be a CoordinatorConfig, got {type(config).__name__}"
             )
         self.config = config
+        self._plain_sgd = config.optimizer == "sgd"
         self._meta = MetaState(outer_params)
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._errors_by_code: dict[str, int] = {}
@@ -210,6 +212,9 @@ class CoordinatorState:
             version=self._meta.version,
         )
         self._workers: dict[str, float] = {}  # worker id -> last seen
+        # a lower bound on the earliest worker / lease expiry: nothing can expire before it, so
+        # handle() and tick() skip the sweep until then (see _sweep)
+        self._next_expiry = math.inf
         self._pending: dict[str, _Pending] = {}
         self._agg = empty_aggregate()
         self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
@@ -277,30 +282,43 @@ class CoordinatorState:
 
     # -- events -----------------------------------------------------------------------------
 
-    def handle(self, identity: str, msg: Message, now: float) -> list[Outgoing]:
+    def handle(
+        self, identity: str, msg: Message, now: float, *, owned: bool = False
+    ) -> list[Outgoing]:
         """Handle one message from connection ``identity`` at time ``now``; return what to send.
 
         Does what :meth:`tick` would do at ``now`` first (its messages come first). Never raises
         for anything in ``msg``; raises :class:`ChronosTypeError` only for a non-finite ``now``.
+
+        ``owned=True`` hands ``msg``'s tensors over to the state machine (nobody else holds
+        them, e.g. they were just decoded from the wire): it may then keep them and reuse their
+        memory (a commit's hypergradient becomes the next λ in place) instead of copying. Leave
+        it ``False`` for tensors the caller still uses: they are then never written to.
         """
         now = self._clock(now)
-        out = self._sweep(now)
-        out.extend(self._dispatch(identity, msg, now))
+        out = self._sweep(now) if now >= self._next_expiry else []
+        out.extend(self._dispatch(identity, msg, now, owned))
         out.extend(self._after_change(now))  # e.g. a re-checkout dropped a window-holding lease
         return out
 
     def tick(self, now: float) -> list[Outgoing]:
         """Time passes: expire silent workers and leases, then grant deferred checkouts (async)
         or release a sync barrier that no live worker can complete any more."""
-        return self._sweep(self._clock(now))
+        now = self._clock(now)
+        return self._sweep(now) if now >= self._next_expiry else []
 
     def _clock(self, now: float) -> float:
-        if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+        if type(now) is not float:  # the loop passes floats: check the rest only here
+            if isinstance(now, bool) or not isinstance(now, (int, float)):
+                raise ChronosTypeError(f"now must be a finite number of seconds, got {now!r}")
+            now = float(now)
+        if not math.isfinite(now):
             raise ChronosTypeError(f"now must be a finite number of seconds, got {now!r}")
-        self._now = max(self._now, float(now))
+        if now > self._now:
+            self._now = now
         return self._now
 
-    def _dispatch(self, identity: str, msg: Message, now: float) -> list[Outgoing]:
+    def _dispatch(self, identity: str, msg: Message, now: float, owned: bool) -> list[Outgoing]:
         rid = getattr(msg, "request_id", -1)
         rid = rid if is_int(rid) else -1
         if not isinstance(msg, _INBOUND):
@@ -334,7 +352,7 @@ class CoordinatorState:
             return [Outgoing(wid, HeartbeatAck(request_id=rid, version=self.version))]
         if isinstance(msg, Checkout):
             return self._on_checkout(msg, rid, now)
-        return self._on_commit(msg, rid, now)
+        return self._on_commit(msg, rid, now, owned)
 
     def _on_register(self, msg: Register, rid: int, now: float) -> list[Outgoing]:
         wid = msg.worker_id
@@ -347,6 +365,7 @@ class CoordinatorState:
             )
             return self._error(wid, rid, "duplicate_worker", why)
         self._workers[wid] = now
+        self._next_expiry = min(self._next_expiry, now + self.config.lease_timeout)
         self._counters["registrations"] += 1
         if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
             self._started = True
@@ -383,7 +402,7 @@ class CoordinatorState:
         )
         return [Outgoing(wid, reply)]
 
-    def _on_commit(self, msg: Commit, rid: int, now: float) -> list[Outgoing]:
+    def _on_commit(self, msg: Commit, rid: int, now: float, owned: bool) -> list[Outgoing]:
         wid, cid = msg.worker_id, msg.commit_id
         if not isinstance(cid, str) or not cid:
             why = f"commit_id must be a non-empty str, got {cid!r}"
@@ -417,6 +436,7 @@ class CoordinatorState:
                 decision.staleness,
                 decision.weight,
                 msg.metrics if isinstance(msg.metrics, Mapping) else None,
+                take=owned,  # a fresh commit's tensors then need no copy
             )
             self._counters["commits_accepted"] += 1
             s = decision.staleness
@@ -475,9 +495,9 @@ class CoordinatorState:
     def _params_for_reply(self) -> TensorDict:
         """λ for a granted checkout: MetaState's copy for this version, shared read-only.
 
-        The optimizer works on separate leaf tensors and every step installs freshly copied
-        tensors in the MetaState, so these are never modified in place afterwards: a reply keeps
-        the λ of its version and is safe to send zero-copy. Consumers must not modify them.
+        Every step installs new tensors in the MetaState (see :meth:`_step`), so these are never
+        modified in place afterwards: a reply keeps the λ of its version and is safe to send
+        zero-copy. Consumers must not modify them.
         """
         return dict(self._meta.outer_params)
 
@@ -496,7 +516,15 @@ class CoordinatorState:
         return Outgoing(wid, reply)
 
     def _sweep(self, now: float) -> list[Outgoing]:
-        """Expire workers silent for ``lease_timeout`` and stray leases; then re-decide."""
+        """Expire workers silent for ``lease_timeout`` and stray leases; then re-decide.
+
+        Afterwards ``_next_expiry`` is the earliest deadline left. Deadlines only ever move
+        later (a message renews its worker and lease), and every new one is ``now +
+        lease_timeout`` with ``now`` never running backwards, so it stays a valid lower bound
+        as long as registrations (the only way to add a deadline when there are none) lower it.
+        Until then nothing can expire, every event already ended with :meth:`_after_change`,
+        and a sweep would change nothing: :meth:`handle` and :meth:`tick` skip it.
+        """
         timeout = self.config.lease_timeout
         expired = [w for w, seen in self._workers.items() if seen + timeout <= now]
         held = self._queue.leases
@@ -505,6 +533,10 @@ class CoordinatorState:
             self._counters["workers_expired"] += 1
             self._forget(w)
         self._counters["leases_expired"] += len(self._queue.expire(now))
+        self._next_expiry = min(
+            min(self._workers.values(), default=math.inf) + timeout,
+            min((lease.expires_at for lease in self._queue.leases.values()), default=math.inf),
+        )
         return self._after_change(now)
 
     def _after_change(self, now: float) -> list[Outgoing]:
@@ -538,20 +570,26 @@ class CoordinatorState:
     def _step(self) -> list[Outgoing]:
         """One outer step with ``(1/n) Σ w_i g_i``; returns shutdown notices if now done."""
         grad = aggregate_gradient(self._agg)
-        if self.config.optimizer == "sgd":
-            # plain SGD, λ ← λ − lr·g, applied directly: the same arithmetic as
-            # torch.optim.SGD(lr) without its per-call hook/profiler overhead (~15 µs a step,
-            # a fifth of a small commit's cost); plain SGD keeps no optimizer state.
-            with torch.no_grad():
-                for k, leaf in self._leaves.items():
-                    leaf.sub_(grad[k].to(device=leaf.device, dtype=leaf.dtype),
-                              alpha=self.config.outer_lr)
+        metrics = aggregate_metrics(self._agg)
+        if self._plain_sgd:
+            # λ ← λ − lr·g, the arithmetic of torch.optim.SGD(lr), written into g's memory (the
+            # aggregate's own, dropped below; with owned=True a received frame's): the next λ
+            # without allocating or copying, while the previous version's tensors (maybe still
+            # being sent zero-copy) are never written to. No optimizer call (~15 µs of hooks a
+            # step), no optimizer state: the leaves and the optimizer object are not used on
+            # this path (they back state_dict()).
+            lr = self.config.outer_lr
+            new = {}
+            for k, lam in self._meta.outer_params.items():
+                g = grad[k].to(device=lam.device, dtype=lam.dtype)
+                new[k] = torch.sub(lam, g, alpha=lr, out=g)
+            self._meta.adopt(new, **metrics)
         else:
             for k, leaf in self._leaves.items():
                 leaf.grad = grad[k].to(device=leaf.device, dtype=leaf.dtype)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
-        self._meta.update(td.detach(self._leaves), **aggregate_metrics(self._agg))
+            self._meta.update(td.detach(self._leaves), **metrics)
         self._queue.advance()
         self._agg = empty_aggregate()
         self._committed.clear()

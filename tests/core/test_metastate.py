@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from chronos.core import MetaState
-from chronos.core.errors import ChronosTypeError, ConfigError, KeyMismatchError
+from chronos.core.errors import (
+    ChronosTypeError,
+    ConfigError,
+    KeyMismatchError,
+    ShapeMismatchError,
+)
 
 
 def test_update_bumps_version_and_records_history():
@@ -44,3 +49,22 @@ def test_history_is_bounded():
     for _ in range(10):
         m.record(x=1)
     assert len(m.history) == 3
+
+
+def test_adopt_installs_the_given_tensors_without_a_copy_and_checks_structure():
+    m = MetaState({"lr": 0.01, "wd": torch.zeros(3)})
+    new = {"lr": torch.tensor(0.02), "wd": torch.ones(3)}
+    assert m.adopt(new, outer_loss=1.0) == 1
+    assert m.outer_params["wd"] is new["wd"] and m.outer_params is not new
+    assert m.history[-1] == {"version": 1, "outer_loss": 1.0}
+    with pytest.raises(KeyMismatchError):
+        m.adopt({"lr": torch.tensor(0.1)})
+    with pytest.raises(ShapeMismatchError):
+        m.adopt({"lr": torch.tensor(0.1), "wd": torch.ones(2)})
+    with pytest.raises(ChronosTypeError):
+        m.adopt({"lr": 0.1, "wd": torch.ones(3)})  # type: ignore[dict-item]
+    assert m.version == 1 and m.outer_params["wd"] is new["wd"]
+    leaf = torch.ones(3, requires_grad=True)
+    m.adopt({"lr": torch.tensor(0.0), "wd": leaf})  # detached (a view, no copy)
+    assert not m.outer_params["wd"].requires_grad
+    assert m.outer_params["wd"].data_ptr() == leaf.data_ptr()

@@ -175,3 +175,27 @@ def test_seed_readme_distributed_quick_start():
         runner.join(20)
     assert not runner.is_alive()
     assert worker.stats()["iterations"] >= 3
+
+
+@pytest.mark.timeout(60)
+def test_sync_barrier_releases_when_a_worker_leaves_cleanly():
+    # lease_timeout 60 s: only the departing worker's Deregister can release the barrier in time
+    prob = _ridge_problem()
+    with Coordinator(prob.default_outer_params(), port=0, mode="sync", num_workers=2,
+                     outer_lr=1.0, heartbeat_interval=0.2, lease_timeout=60.0) as coord:
+        quitter = Worker(_ridge_problem(), WorkerConfig(coordinator_addr=coord.address,
+                                                        worker_id="quitter", inner_steps=20))
+        stayer = Worker(_ridge_problem(), WorkerConfig(coordinator_addr=coord.address,
+                                                       worker_id="stayer", inner_steps=20))
+        threads = [threading.Thread(target=quitter.run, kwargs={"max_iterations": 2}),
+                   threading.Thread(target=stayer.run, kwargs={"max_iterations": 6})]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert not any(t.is_alive() for t in threads)
+        assert [r.status for r in stayer.commit_log] == ["accepted"] * 6
+        s = coord.stats()
+        assert s["deregistrations"] == 2 and s["workers_expired"] == 0
+        # 2 steps with both commits, then 4 with the stayer's alone
+        assert [h["commits"] for h in coord.history] == [2, 2, 1, 1, 1, 1]

@@ -459,6 +459,31 @@ def test_bool_tensor_bytes_must_be_0_or_1() -> None:
     expect("bad_tensor", pack(header, b"\x00\x02\x01"))
 
 
+@pytest.mark.parametrize("n", [1, 50_000], ids=["small", "large"])
+def test_check_finite_false_leaves_values_to_the_receiver_but_checks_the_rest(n: int) -> None:
+    x = torch.ones(n)
+    x[n // 2] = math.nan
+    frames = [bytes(f) for f in encode(Commit(5, "w", 1, "c", {"x": x}))]
+    expect("non_finite", frames)  # the default
+    out = decode(frames, check_finite=False)
+    assert isinstance(out, Commit)
+    assert torch.isnan(out.hypergradient["x"][n // 2]) and out.hypergradient["x"].sum().isnan()
+    header, _ = _tensor_msg(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(DecodeError) as e:  # every other rule still holds
+        decode(pack(header, b"\x00\x02\x01"), check_finite=False)
+    assert e.value.code == "bad_tensor"
+
+
+@pytest.mark.parametrize("msg", all_messages(), ids=lambda m: type(m).__name__)
+def test_decoded_messages_are_ordinary_frozen_instances(msg: Message) -> None:
+    out = roundtrip(msg)
+    assert type(out) is type(msg) and vars(out).keys() == vars(msg).keys()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.request_id = 1  # type: ignore[misc]
+    if msg.tensor_field is None:
+        assert out == msg
+
+
 def test_decode_accepts_memoryview_and_bytearray_frames() -> None:
     msg = all_messages()[3]
     frames = encode(msg)

@@ -815,9 +815,12 @@ class Model:
 
 
 def run_random(
-    cfg: CoordinatorConfig, events: list[tuple[str, int, int, float]], tick_first: bool
+    cfg: CoordinatorConfig,
+    events: list[tuple[str, int, int, float]],
+    tick_first: bool,
+    make_driver: Any = None,
 ) -> Driver:
-    d = Driver(CoordinatorState(lam0(), cfg))
+    d = Driver(CoordinatorState(lam0(), cfg)) if make_driver is None else make_driver(cfg)
     m = Model(d.s)
     now = 0.0
     for ev in events:
@@ -904,3 +907,161 @@ def test_results_do_not_depend_on_how_often_the_loop_ticks(
             b.tick(now)
     assert _summary(a.log) == _summary(b.log)
     assert same(a.s.outer_params, b.s.outer_params) and a.s.stats() == b.s.stats()
+
+
+# -- fast paths against the plain rules -------------------------------------------------------
+
+
+class SweepsAlways(CoordinatorState):
+    """The machine without its expiry bound: it sweeps before every event, as the rule reads."""
+
+    def handle(
+        self, identity: str, msg: Message, now: float, *, owned: bool = False
+    ) -> list[Outgoing]:
+        self._next_expiry = -math.inf
+        return super().handle(identity, msg, now, owned=owned)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        self._next_expiry = -math.inf
+        return super().tick(now)
+
+
+class Twin(Driver):
+    """Feeds every event to a reference machine (sweeps before every event, keeps the caller's
+    tensors) and then to the machine under test (expiry bound, owns the decoded tensors, like
+    the coordinator's loop); both must answer and end up the same, bit for bit."""
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        super().__init__(CoordinatorState(lam0(), cfg))
+        self.ref = SweepsAlways(lam0(), cfg)
+
+    def send(
+        self, wid: str, msg: Message, now: float, identity: str | None = None
+    ) -> list[Outgoing]:
+        identity = wid if identity is None else identity
+        self.inputs.append((identity, msg, now))
+        expected = self.ref.handle(identity, msg, now)  # before: the twin may reuse the tensors
+        out = self.s.handle(identity, msg, now, owned=True)
+        self._compare(expected, out)
+        return out
+
+    def tick(self, now: float, optional: bool = False) -> list[Outgoing]:
+        self.inputs.append(("" if optional else "tick", None, now))
+        expected = self.ref.tick(now)
+        out = self.s.tick(now)
+        self._compare(expected, out)
+        return out
+
+    def _compare(self, expected: list[Outgoing], out: list[Outgoing]) -> None:
+        self.log.extend(out)
+        assert _summary(out) == _summary(expected)
+        for a, b in zip(out, expected, strict=True):
+            if isinstance(a.message, CheckoutReply):
+                assert same(a.message.outer_params, b.message.outer_params)
+        assert same(self.s.outer_params, self.ref.outer_params)
+        assert self.s.stats() == self.ref.stats() and self.s.leases == self.ref.leases
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(EVENT, min_size=5, max_size=40),
+    mode=st.sampled_from(["async", "sync"]),
+    min_commits=st.integers(1, 2),
+    tick_first=st.booleans(),
+)
+def test_expiry_bound_and_owned_tensors_change_no_decision(
+    events: list[tuple[str, int, int, float]], mode: str, min_commits: int, tick_first: bool
+) -> None:
+    """Skipping sweeps until the earliest deadline, and computing λ in the memory of handed-over
+    hypergradients, give exactly what sweeping before every event on copies gives."""
+    cfg = config(mode=mode, num_workers=2, max_in_flight=1, max_staleness=2,
+                 min_commits=min_commits)  # fmt: skip
+    run_random(cfg, events, tick_first, make_driver=Twin)
+
+
+def test_a_silent_worker_expires_on_time_while_others_keep_talking() -> None:
+    d = driver(max_in_flight=1)
+    d.join("w0", now=0.0)
+    d.join("w1", now=1.0)
+    for t in (2.0, 3.0, 4.0, 4.9):  # w1 talks; w0 (lease on version 0) stays silent
+        d.heartbeat("w1", t)
+    assert set(d.s.workers) == {"w0", "w1"}
+    d.commit("w1", 0, now=4.95)
+    assert only(d.checkout("w1", now=4.99), CheckoutReply).status == "deferred"  # w0 holds v0
+    out = d.heartbeat("w1", now=T)  # w0's deadline: expired first, w1's checkout granted
+    assert d.s.workers == ("w1",) and d.s.stats()["workers_expired"] == 1
+    assert [m.status for m in pick(out, CheckoutReply, to="w1")] == ["granted"]
+    d.register("w0", now=20.0)  # all gone but w0 (w1 expired at 9.9 s): a new deadline counts
+    assert d.s.workers == ("w0",)
+    assert d.s.tick(20.0 + T - 0.01) == [] and d.s.workers == ("w0",)
+    d.s.tick(20.0 + T)
+    assert d.s.workers == ()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("min_commits", [1, 2])
+def test_plain_sgd_step_equals_torch_optim_sgd_bit_for_bit(mode: str, min_commits: int) -> None:
+    """The "sgd" fast path (no optimizer call, λ computed in the gradient's memory) against
+    torch.optim.SGD stepping leaves, with stale weights, averaging and float32 roundings."""
+    lam = {"a": torch.linspace(-1, 1, 7), "b": torch.tensor(0.3)}
+    kw: dict[str, Any] = {"mode": mode, "num_workers": 3, "min_commits": min_commits,
+                          "max_in_flight": 5, "max_staleness": 3, "decay": 0.7,
+                          "outer_lr": 0.123}  # fmt: skip
+    fast = Driver(CoordinatorState(lam, config(**kw)))
+    ref = Driver(CoordinatorState(lam, config(**kw, optimizer=lambda ps: torch.optim.SGD(
+        ps, lr=0.123))))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for d in (fast, ref):
+        d.join("w0", "w1", "w2")
+    for i in range(12):
+        w = f"w{i % 3}"
+        g = {"a": torch.randn(7, generator=gen), "b": torch.randn((), generator=gen)}
+        replies = []
+        for d, owned in ((ref, False), (fast, True)):
+            version = d.s.leases[w].version
+            msg = Commit(request_id=i, worker_id=w, version=version, commit_id=f"c{i}",
+                         hypergradient={k: v.clone() for k, v in g.items()})  # fmt: skip
+            replies.append(_summary(d.s.handle(w, msg, 0.0, owned=owned)))
+            d.checkout(w)
+        assert replies[0] == replies[1]
+        assert same(fast.s.outer_params, ref.s.outer_params)
+    assert fast.s.version >= 4
+    if mode == "async":  # stale commits (weights 0.7**s) were part of it
+        assert fast.s.stats()["accepted_by_staleness"].keys() - {0}
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_granted_lambda_is_never_written_after_it_was_handed_out(owned: bool) -> None:
+    """Checkout replies share MetaState's tensors (zero-copy sends): later steps must never
+    write into them; and without owned=True the caller's hypergradient stays untouched too."""
+    d = driver(max_in_flight=5, max_staleness=5)
+    d.join("w0")
+    handed: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    for v in range(4):
+        reply = only(d.checkout("w0"), CheckoutReply)
+        handed.append((reply.outer_params, {k: t.clone() for k, t in reply.outer_params.items()}))
+        g = grad(v + 1.0)
+        kept = {k: t.clone() for k, t in g.items()}
+        msg = Commit(request_id=1000 + v, worker_id="w0", version=v, commit_id=f"x{v}",
+                     hypergradient=g)  # fmt: skip
+        assert only(d.s.handle("w0", msg, 0.0, owned=owned), CommitReply).status == "accepted"
+        if not owned:
+            assert same(g, kept)
+    for shared, snapshot in handed:
+        assert same(shared, snapshot)
+    assert d.s.version == 4
+
+
+def test_owned_bad_or_rejected_commits_change_nothing() -> None:
+    d = driver(max_in_flight=5, max_staleness=0)
+    d.join("w0", "w1")
+    d.commit("w0", 0)
+    before = d.s.outer_params
+    bad = grad()
+    bad["a"] = torch.tensor([1.0, math.inf], dtype=F64)
+    stale = Commit(request_id=1, worker_id="w1", version=0, commit_id="s", hypergradient=grad())
+    nan = Commit(request_id=2, worker_id="w1", version=1, commit_id="n", hypergradient=bad)
+    assert only(d.s.handle("w1", stale, 0.0, owned=True), CommitReply).status == "rejected"
+    d.checkout("w1")
+    assert only(d.s.handle("w1", nan, 0.0, owned=True), ErrorReply).code == "non_finite"
+    assert d.s.version == 1 and same(d.s.outer_params, before)

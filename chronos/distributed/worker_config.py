@@ -1,0 +1,162 @@
+"""How a worker runs: :class:`WorkerConfig` (a frozen, validated dataclass).
+
+Example:
+    >>> cfg = WorkerConfig(coordinator_addr="tcp://127.0.0.1:5555", significance_threshold=0.01)
+    >>> cfg.hypergradient, cfg.request_timeout
+    ('implicit', 10.0)
+    >>> try:
+    ...     WorkerConfig(coordinator_addr="127.0.0.1:5555")
+    ... except ConfigError as e:
+    ...     print(str(e)[:54])
+    coordinator_addr must look like 'tcp://127.0.0.1:5555'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, TypeGuard
+
+import torch
+
+from chronos.core.errors import ConfigError
+from chronos.distributed.transport import CurveClientConfig
+from chronos.solver import METHODS
+
+__all__ = ["WorkerConfig", "default_tol", "is_int", "is_number"]
+
+_ADDRESS = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The linear-solve tolerance a worker uses by default for inner parameters of ``dtype``.
+
+    >>> default_tol(torch.float64), default_tol(torch.float32)
+    (1e-10, 1e-05)
+    """
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def is_int(x: object) -> TypeGuard[int]:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: object) -> TypeGuard[float]:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker runs.
+
+    Args:
+        coordinator_addr: ``tcp://host:port`` of the coordinator.
+        worker_id: unique name (default: ``host-pid-random``).
+        inner_steps: inner solver steps per checkout (default: the problem's own).
+        hypergradient: ``"implicit"`` or ``"unrolled"``.
+        method, max_iter, tol, damping: the implicit linear solve (``method``: one of
+            :data:`chronos.solver.METHODS`; ``tol``: relative residual, default by the inner
+            parameters' dtype: 1e-10 in float64, 1e-5 in float32 or lower, where the residual
+            cannot get much below ~1e-6 and a tighter ``tol`` only burns ``max_iter``).
+        unroll_steps, unroll_lr, truncate: the unrolled hypergradient.
+        warm_start: start each inner solve from the previous θ and each linear solve from the
+            previous solution.
+        significance_threshold: hold back hypergradients with ‖g‖/‖λ‖ at or below this in an
+            error-feedback residual (0: send every one).
+        heartbeat_interval: seconds between heartbeats (default: the coordinator's).
+        request_timeout: seconds without a reply before a request is re-sent; the coordinator
+            counts as gone after ``max(request_timeout, 3 × heartbeat_interval)`` of silence.
+        connect_timeout: give up (raise :class:`ChronosError`) after this many seconds of trying
+            to register without an answer.
+        straggler_delay: extra seconds of (simulated) work per iteration, for experiments.
+        num_threads: ``torch.set_num_threads`` for this worker (None: leave as is).
+        curve: CURVE client keys when the coordinator uses CURVE.
+    """
+
+    coordinator_addr: str = "tcp://127.0.0.1:5555"
+    worker_id: str | None = None
+    inner_steps: int | None = None
+    hypergradient: Literal["implicit", "unrolled"] = "implicit"
+    method: str = "cg"
+    max_iter: int = 100
+    tol: float | None = None
+    damping: float = 0.0
+    unroll_steps: int = 20
+    unroll_lr: float | str = 0.1
+    truncate: int | None = None
+    warm_start: bool = True
+    significance_threshold: float = 0.0
+    heartbeat_interval: float | None = None
+    request_timeout: float = 10.0
+    connect_timeout: float = 60.0
+    straggler_delay: float = 0.0
+    num_threads: int | None = None
+    curve: CurveClientConfig | None = None
+
+    def __post_init__(self) -> None:
+        addr = self.coordinator_addr
+        m = _ADDRESS.match(addr) if isinstance(addr, str) else None
+        if m is None or not 1 <= int(m.group(2)) <= 65535:
+            raise ConfigError(
+                f"coordinator_addr must look like 'tcp://127.0.0.1:5555' (tcp://HOST:PORT, "
+                f"port 1-65535), got {addr!r}"
+            )
+        wid = self.worker_id
+        if wid is not None and (
+            not isinstance(wid, str) or not 0 < len(wid.encode("utf-8")) <= 200
+            or wid.startswith("\x00")
+        ):
+            raise ConfigError(
+                f"worker_id must be a non-empty str of at most 200 bytes (not starting with "
+                f"NUL), or None for an automatic one; got {wid!r}"
+            )
+        if self.hypergradient not in ("implicit", "unrolled"):
+            raise ConfigError(
+                f"hypergradient must be 'implicit' or 'unrolled', got {self.hypergradient!r}"
+            )
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        self._check_int("inner_steps", self.inner_steps, minimum=1, allow_none=True)
+        self._check_int("max_iter", self.max_iter, minimum=1)
+        self._check_int("unroll_steps", self.unroll_steps, minimum=1)
+        self._check_int("truncate", self.truncate, minimum=1, allow_none=True)
+        self._check_int("num_threads", self.num_threads, minimum=1, allow_none=True)
+        if self.tol is not None:
+            self._check_number("tol", self.tol, minimum=0.0)
+        for name in ("damping", "significance_threshold", "straggler_delay"):
+            self._check_number(name, getattr(self, name), minimum=0.0)
+        for name in ("request_timeout", "connect_timeout"):
+            self._check_number(name, getattr(self, name), minimum=0.0, strict=True,
+                               unit=" seconds")
+        if self.heartbeat_interval is not None:
+            self._check_number("heartbeat_interval", self.heartbeat_interval, minimum=0.0,
+                               strict=True, unit=" seconds (or None: the coordinator's)")
+        lr = self.unroll_lr
+        if not (isinstance(lr, str) and lr) and not (is_number(lr) and lr > 0):
+            raise ConfigError(
+                f"unroll_lr must be a positive number or the name of a scalar outer parameter, "
+                f"got {lr!r}"
+            )
+        if not isinstance(self.warm_start, bool):
+            raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if self.curve is not None and not isinstance(self.curve, CurveClientConfig):
+            raise ConfigError(
+                f"curve must be a CurveClientConfig or None, got {type(self.curve).__name__}"
+            )
+
+    @staticmethod
+    def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if not is_int(value) or value < minimum:
+            alt = " or None" if allow_none else ""
+            raise ConfigError(f"{name} must be an int >= {minimum}{alt}, got {value!r}")
+
+    @staticmethod
+    def _check_number(
+        name: str, value: object, minimum: float, strict: bool = False, unit: str = ""
+    ) -> None:
+        if not is_number(value) or not (value > minimum if strict else value >= minimum):
+            bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            raise ConfigError(f"{name} must be a finite number {bound}{unit}, got {value!r}")
