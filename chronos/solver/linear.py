@@ -178,6 +178,22 @@ def _wrap(flat: _Flat, matvec: Matvec, damping: float) -> Callable[[Tensor], Ten
     return mv
 
 
+def _setup(
+    b: Mapping[str, Tensor],
+    matvec: Matvec,
+    init: Mapping[str, Tensor] | None,
+    damping: float,
+    tol: float,
+    atol: float,
+) -> tuple[_Flat, Callable[[Tensor], Tensor], float, float, tuple[Tensor, Tensor, int]]:
+    """What every iterative solver starts with: the flattened system, its damped matvec,
+    ``‖b‖``, the stopping threshold ``max(tol·‖b‖, atol)`` and :func:`_start`'s first iterate."""
+    flat = _Flat(b)
+    mv = _wrap(flat, matvec, damping)
+    b_norm = float(torch.linalg.vector_norm(flat.vec))
+    return flat, mv, b_norm, max(tol * b_norm, atol), _start(flat, mv, init)
+
+
 def _start(
     flat: _Flat, mv: Callable[[Tensor], Tensor], init: Mapping[str, Tensor] | None
 ) -> tuple[Tensor, Tensor, int]:
@@ -250,11 +266,7 @@ def cg(
     def solve(
         matvec: Matvec, b: Mapping[str, Tensor], init: Mapping[str, Tensor] | None = None
     ) -> tuple[TensorDict, SolveInfo]:
-        flat = _Flat(b)
-        mv = _wrap(flat, matvec, damping)
-        b_norm = float(torch.linalg.vector_norm(flat.vec))
-        threshold = max(tol * b_norm, atol)
-        x, r, used = _start(flat, mv, init)
+        flat, mv, b_norm, threshold, (x, r, used) = _setup(b, matvec, init, damping, tol, atol)
         bvec = flat.vec
         rs = torch.dot(r, r)
         rs_f = float(rs)
@@ -313,11 +325,7 @@ def _richardson(
     def solve(
         matvec: Matvec, b: Mapping[str, Tensor], init: Mapping[str, Tensor] | None = None
     ) -> tuple[TensorDict, SolveInfo]:
-        flat = _Flat(b)
-        mv = _wrap(flat, matvec, damping)
-        b_norm = float(torch.linalg.vector_norm(flat.vec))
-        threshold = max(tol * b_norm, atol)
-        x, r, used = _start(flat, mv, init)
+        flat, mv, b_norm, threshold, (x, r, used) = _setup(b, matvec, init, damping, tol, atol)
         rnorm = float(torch.linalg.vector_norm(r))
         _check_finite(rnorm, name, 0)
         best_x, best, start = x, rnorm, rnorm

@@ -25,3 +25,18 @@ def test_missing_results_say_not_run_and_readme_is_rewritten(tmp_path):
     update_readme(readme, block)
     text = readme.read_text()
     assert "old" not in text and "not run" in text and text.endswith("rest\n")
+
+
+def test_several_protocol_runs_are_merged_into_medians(tmp_path):
+    import json
+
+    from chronos.benchmarks.report import load_results
+
+    for i, r in enumerate([1.2, 1.8, 1.4]):
+        (tmp_path / f"protocol_{i}.json").write_text(json.dumps({"ratios": {
+            "4mb_round_trip_chronos_over_raw": r, "throughput_chronos_over_raw": 0.4,
+            "tiny_round_trip_chronos_over_raw": 3.0}}))
+    res = load_results(tmp_path)
+    assert res["protocol"]["ratios"]["4mb_round_trip_chronos_over_raw"] == 1.4
+    row = next(r for r in table_rows(res) if r[0].startswith("4 MB"))
+    assert row[1] == "1.40 (median of 3 runs: 1.20–1.80)" and row[3] == "yes"
