@@ -36,7 +36,14 @@ from chronos.core.errors import ChronosError
 from chronos.core.problem import OptimizerSpec
 from chronos.core.tensordict import TensorDict
 from chronos.distributed.messages import ErrorReply, ShutdownNotice
-from chronos.distributed.protocol import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode, encode
+from chronos.distributed.protocol import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    decode,
+    encode,
+    error_reply,
+)
 from chronos.distributed.state import CoordinatorConfig, CoordinatorState, Outgoing
 from chronos.distributed.transport import CurveServerConfig, ServerTransport
 
@@ -282,8 +289,7 @@ class Coordinator:
         except DecodeError as e:
             self._net["decode_errors"] += 1
             log.warning("refused a message from %s: %s (%s)", name, e.code, e)
-            reply = ErrorReply(request_id=e.request_id, code=e.code, message=str(e))
-            self._transport.send(identity, encode(reply))
+            self._transport.send(identity, encode(error_reply(e)))
             return
         self._identities[name] = identity
         with self._lock:  # owned: the decoded tensors are ours alone (reused, not copied)

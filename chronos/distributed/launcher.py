@@ -428,8 +428,3 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     out["pid"] = os.getpid()
     return out
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`ChronosError` with ``message`` unless ``condition``."""
-    if not condition:
-        raise ChronosError(message)

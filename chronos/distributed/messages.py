@@ -24,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from torch import Tensor
-
 from chronos.core.tensordict import TensorDict
 
 __all__ = [
@@ -214,12 +212,3 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     )
 }
 """op name → message class; the decoder accepts nothing else."""
-
-
-def tensors_of(msg: Message) -> TensorDict:
-    """The message's tensor dict (empty for messages without one)."""
-    if msg.tensor_field is None:
-        return {}
-    value = getattr(msg, msg.tensor_field)
-    assert isinstance(value, dict) and all(isinstance(v, Tensor) for v in value.values())
-    return value
