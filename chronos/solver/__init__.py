@@ -16,6 +16,7 @@ from chronos.solver.linear import (
     METHODS,
     LinearSolver,
     Matvec,
+    Preconditioner,
     SolveInfo,
     cg,
     direct,
@@ -24,6 +25,7 @@ from chronos.solver.linear import (
     neumann,
 )
 from chronos.solver.matmul import MatmulAutotuner
+from chronos.solver.precond import KFACPreconditioner
 from chronos.solver.unrolled import UnrollInfo, unrolled_hypergradient
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "HypergradInfo",
     "ImplicitDifferentiation",
     "InnerLinearization",
+    "KFACPreconditioner",
     "LinearSolver",
     "MatmulAutotuner",
     "Matvec",
     "OuterOptimizer",
+    "Preconditioner",
     "SolveInfo",
     "UnrollInfo",
     "UnrolledDifferentiation",

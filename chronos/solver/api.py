@@ -5,9 +5,13 @@ Thin classes over the functional core (:func:`~chronos.solver.implicit.implicit_
 
 * ``.outer_params`` — λ as a dict of leaf tensors (numbers are accepted and converted), updated
   in place by :meth:`OuterOptimizer.step`; pass it straight to ``InnerProblem.solve``.
-* ``compute_hypergradient(trajectories, inner_problem)`` — the weighted average
-  ``Σ_i w_i h_i / Σ_i w_i`` of per-trajectory hypergradients, ``w_i = trajectory.weight``
-  (e.g. ``decay**staleness``). Each ``h_i`` is evaluated at the trajectory's own
+* ``compute_hypergradient(trajectories, inner_problem)`` — the weighted mean
+  ``(1/n) Σ_i w_i h_i`` of the ``n`` per-trajectory hypergradients, ``w_i = trajectory.weight``
+  (e.g. ``decay**staleness``). This is the coordinator's rule
+  (:func:`chronos.distributed.aggregation.aggregate_gradient`): divided by ``n``, not by
+  ``Σ_i w_i``, so a weight is really applied — a lone trajectory of weight 0.25 gives a
+  quarter of the weight-1 hypergradient, exactly as a lone commit of staleness 2 moves λ a
+  quarter as far on the coordinator. Each ``h_i`` is evaluated at the trajectory's own
   ``outer_params`` — the λ its ``final_params`` were computed for — not at the optimizer's
   current λ (they differ when a trajectory is stale).
 * ``step(hypergradient)`` — one step of any ``torch.optim`` optimizer (SGD by default).
@@ -44,7 +48,7 @@ from chronos.core.errors import ChronosTypeError, ConfigError, NonFiniteError
 from chronos.core.problem import InnerProblem, OptimizerSpec, make_optimizer
 from chronos.core.tensordict import TensorDict
 from chronos.core.trajectory import Trajectory
-from chronos.solver.implicit import HypergradInfo, implicit_hypergradient
+from chronos.solver.implicit import HypergradInfo, _solver, implicit_hypergradient
 from chronos.solver.linear import LinearSolver
 from chronos.solver.unrolled import UnrollInfo, unrolled_hypergradient
 
@@ -139,16 +143,16 @@ class OuterOptimizer:
                 )
             td.check_same_structure(self.outer_params, t.outer_params,
                                     "the optimizer's outer_params and trajectory.outer_params")
-        total = sum(t.weight for t in trajs)
-        if not total > 0:
+        if not any(t.weight > 0 for t in trajs):
             raise ConfigError("all trajectory weights are 0; nothing to average")
+        n = len(trajs)  # (1/n) Σ w_i h_i, the coordinator's rule: weights are really applied
         acc = {k: torch.zeros_like(v.detach()) for k, v in self.outer_params.items()}
         for t in trajs:
             if t.weight == 0:
                 continue
             h = one(t)
             for k in acc:
-                acc[k] += (t.weight / total) * h[k].to(acc[k].dtype)
+                acc[k] += (t.weight / n) * h[k].to(acc[k].dtype)
         return acc
 
 
@@ -158,6 +162,8 @@ class ImplicitDifferentiation(OuterOptimizer):
     Args:
         outer_params, lr, optimizer: see :class:`OuterOptimizer`.
         method: ``"cg"``, ``"neumann"``, ``"fixed_point"``, ``"direct"`` or a solve callable.
+            A named solver is built once and reused by every call (so ``neumann`` /
+            ``fixed_point`` with ``alpha="auto"`` estimate ``λ_max`` once, not per outer step).
         max_iter, tol, damping: linear-solve settings
             (see :func:`~chronos.solver.implicit.implicit_hypergradient`).
         warm_start: start each linear solve from the previous call's solution.
@@ -189,11 +195,14 @@ class ImplicitDifferentiation(OuterOptimizer):
         self.solver_options = dict(solver_options)
         self.last_info: list[HypergradInfo] = []
         self._solution: TensorDict | None = None
+        # The linear solver, built once from a method name and reused by every outer step:
+        # neumann / fixed_point with alpha="auto" cache their λ_max estimate in it.
+        self._solve: tuple[tuple[Any, ...], LinearSolver] | None = None
 
     def compute_hypergradient(
         self, trajectories: Sequence[Trajectory] | Trajectory, inner_problem: InnerProblem
     ) -> TensorDict:
-        """Weighted average of ``dF/dλ`` at each trajectory's ``(final_params, outer_params)``."""
+        """``(1/n) Σ_i w_i dF/dλ`` at each trajectory's ``(final_params, outer_params)``."""
         if not isinstance(inner_problem, InnerProblem):
             raise ChronosTypeError(
                 f"inner_problem must be an InnerProblem, got {type(inner_problem).__name__}"
@@ -209,13 +218,13 @@ class ImplicitDifferentiation(OuterOptimizer):
                 inner_problem.outer_loss,
                 t.final_params,
                 t.outer_params,
-                method=self.method,
+                method=self._linear_solver(),
                 max_iter=self.max_iter,
                 tol=self.tol,
                 damping=self.damping,
                 init=init,
                 return_info=True,
-                **self.solver_options,
+                **({} if isinstance(self.method, str) else self.solver_options),
             )
             infos.append(info)
             self._solution = info.solution
@@ -224,6 +233,20 @@ class ImplicitDifferentiation(OuterOptimizer):
         out = self._average(trajectories, one)
         self.last_info = infos
         return out
+
+    def _linear_solver(self) -> str | LinearSolver:
+        """The solver for a method name, built once per settings (a callable passes through).
+
+        Damping is left to :func:`implicit_hypergradient`, which adds it to the matvec of a
+        ready solver: the same operator ``H + δI``.
+        """
+        if not isinstance(self.method, str):
+            return self.method
+        key = (self.method, self.max_iter, self.tol, tuple(sorted(self.solver_options.items())))
+        if self._solve is None or self._solve[0] != key:
+            self._solve = key, _solver(self.method, self.max_iter, self.tol, 0.0,
+                                       self.solver_options)
+        return self._solve[1]
 
 
 class UnrolledDifferentiation(OuterOptimizer):
@@ -288,7 +311,7 @@ class UnrolledDifferentiation(OuterOptimizer):
     def compute_hypergradient(
         self, trajectories: Sequence[Trajectory] | Trajectory, inner_problem: InnerProblem
     ) -> TensorDict:
-        """Weighted average of the unrolled ``dF/dλ`` of each trajectory (at its own λ)."""
+        """``(1/n) Σ_i w_i`` unrolled ``dF/dλ`` of each trajectory (at its own λ)."""
         if not isinstance(inner_problem, InnerProblem):
             raise ChronosTypeError(
                 f"inner_problem must be an InnerProblem, got {type(inner_problem).__name__}"

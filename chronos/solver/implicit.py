@@ -45,7 +45,7 @@ from chronos.core import tensordict as td
 from chronos.core.errors import ChronosTypeError, ConfigError, ConvergenceWarning, NonFiniteError
 from chronos.core.tensordict import TensorDict
 from chronos.solver.hvp import InnerLinearization, make_leaves, scalar_loss
-from chronos.solver.linear import LinearSolver, SolveInfo, make_solver
+from chronos.solver.linear import LinearSolver, Preconditioner, SolveInfo, make_solver
 from chronos.solver.matmul import MatmulAutotuner
 
 __all__ = ["HypergradInfo", "implicit_hypergradient", "outer_gradients"]
@@ -152,6 +152,7 @@ def implicit_hypergradient(
     init: Mapping[str, Tensor] | None = ...,
     return_info: Literal[False] = ...,
     autotune: bool = ...,
+    preconditioner: Preconditioner | None = ...,
     **solver_options: Any,
 ) -> TensorDict: ...
 
@@ -170,6 +171,7 @@ def implicit_hypergradient(
     init: Mapping[str, Tensor] | None = ...,
     return_info: Literal[True],
     autotune: bool = ...,
+    preconditioner: Preconditioner | None = ...,
     **solver_options: Any,
 ) -> tuple[TensorDict, HypergradInfo]: ...
 
@@ -186,7 +188,8 @@ def implicit_hypergradient(
     damping: float = 0.0,
     init: Mapping[str, Tensor] | None = None,
     return_info: bool = False,
-    autotune: bool = True,
+    autotune: bool = False,
+    preconditioner: Preconditioner | None = None,
     **solver_options: Any,
 ) -> TensorDict | tuple[TensorDict, HypergradInfo]:
     """``dF/dλ`` at an (approximate) inner optimum by implicit differentiation.
@@ -205,6 +208,15 @@ def implicit_hypergradient(
         return_info: also return a :class:`HypergradInfo`.
         autotune: run large CPU matrix products in their faster orientation
             (:class:`~chronos.solver.matmul.MatmulAutotuner`); same values up to rounding.
+            Off by default: it only helps on CPUs whose BLAS runs one orientation of a thin
+            product much faster than the other (and costs Python dispatch on every operation
+            elsewhere); ``python -m chronos.benchmarks.hypergrad`` prints whether it wins on
+            yours.
+        preconditioner: ``M(r) -> z ≈ (H + δI)⁻¹ r`` on tensor dicts shaped like
+            ``inner_params`` (symmetric positive definite), for ``method="cg"``; e.g. a
+            :class:`~chronos.solver.precond.KFACPreconditioner` for linear / softmax models,
+            built once and refreshed every few outer steps. Cuts CG iterations; the result
+            is the same up to the tolerance.
         **solver_options: extra options of the named solver (``alpha`` for ``neumann`` and
             ``fixed_point``, ``momentum`` for ``fixed_point``, ``atol``, ``max_size``).
 
@@ -223,6 +235,13 @@ def implicit_hypergradient(
     """
     if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
         raise ConfigError(f"damping must be a number >= 0, got {damping!r}")
+    if preconditioner is not None:
+        if method != "cg":
+            raise ConfigError(
+                f"preconditioner= is supported by method='cg', got method={method!r}; use "
+                "method='cg' or give your own solver its preconditioner"
+            )
+        solver_options = {**solver_options, "preconditioner": preconditioner}
     solve = _solver(method, max_iter, tol, float(damping), solver_options)
     theta = make_leaves(inner_params, "inner_params")
     lam = make_leaves(outer_params, "outer_params")
@@ -239,10 +258,15 @@ def implicit_hypergradient(
         f_value, d_theta, d_lam, outer_unreached = outer_gradients(outer_loss, theta, lam)
     extra = float(damping) if not isinstance(method, str) else 0.0
 
-    def matvec(v: TensorDict) -> TensorDict:
-        with tuned():  # only the products; the solver's vector algebra runs outside the mode
-            hv = lin.hvp(v)
-        return td.axpy(extra, v, hv) if extra else hv
+    matvec: Callable[[TensorDict], TensorDict]
+    if tuner is None and not extra:
+        matvec = lin.hvp  # the hot loop: nothing between the solver and the reverse pass
+    else:
+
+        def matvec(v: TensorDict) -> TensorDict:
+            with tuned():  # only the products; the solver's vector algebra runs outside it
+                hv = lin.hvp(v)
+            return td.axpy(extra, v, hv) if extra else hv
 
     v, solve_info = solve(matvec, d_theta, init)
     if not td.is_finite(v):
@@ -259,12 +283,17 @@ def implicit_hypergradient(
     if not td.is_finite(hyper):
         raise NonFiniteError("the hypergradient has NaN/Inf; check both losses at these parameters")
     if not solve_info.converged:
+        advice = (
+            f"the step alpha={solve_info.alpha:.4g} exceeds 2/λ_max of the Hessian (or it is "
+            "not positive definite): use alpha='auto', a smaller alpha, method='cg' or damping"
+            if solve_info.status == "diverged" and solve_info.alpha is not None
+            else "raise max_iter, add damping or warm-start with init=info.solution"
+        )
         warnings.warn(
             ConvergenceWarning(
                 f"implicit_hypergradient: the {solve_info.method} solve did not converge "
                 f"(max_iter={max_iter}, tol={tol:g}, status {solve_info.status!r}); using the "
-                "best iterate. Check info.residual; raise max_iter, add damping or warm-start "
-                "with init=info.solution"
+                f"best iterate. Check info.residual; {advice}"
             ),
             stacklevel=2,
         )

@@ -142,7 +142,7 @@ def unrolled_hypergradient(
     truncate: int | None = None,
     momentum: float = 0.0,
     return_info: bool = False,
-    autotune: bool = True,
+    autotune: bool = False,
 ) -> TensorDict | tuple[TensorDict, UnrollInfo]:
     """``dF(θ_T(λ), λ)/dλ`` through ``steps`` gradient-descent steps (see the module docstring).
 
@@ -156,7 +156,9 @@ def unrolled_hypergradient(
         truncate: differentiate through the last ``K`` steps only (``None``: all).
         momentum: heavy-ball coefficient ``μ`` in ``[0, 1)`` (PyTorch SGD convention).
         return_info: also return an :class:`UnrollInfo`.
-        autotune: see :class:`~chronos.solver.matmul.MatmulAutotuner`.
+        autotune: run large CPU products in their faster orientation (off by default; see
+            :class:`~chronos.solver.matmul.MatmulAutotuner`: it pays only where the BLAS
+            library runs one orientation much faster, which `chronos bench hypergrad` shows).
 
     Returns:
         ``{name: dF/dλ_name}`` (detached, λ's dtypes), and the info when ``return_info``.

@@ -190,8 +190,13 @@ def test_direct_refuses_huge_systems():
 def test_non_finite_matvec_raises():
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
         cg()(lambda v: {"x": v["x"] * float("nan")}, {"x": torch.ones(3)})
-    with pytest.raises(NonFiniteError):
-        neumann(alpha=10.0, max_iter=2000)(lambda v: {"x": 5.0 * v["x"]}, {"x": torch.ones(3)})
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        neumann(alpha=0.1)(lambda v: {"x": v["x"] * float("nan")}, {"x": torch.ones(3)})
+    # a diverging step is stopped and reported as such long before it overflows
+    with pytest.warns(ConvergenceWarning, match="exceeds 2/λ_max"):
+        x, info = neumann(alpha=10.0, max_iter=2000)(lambda v: {"x": 5.0 * v["x"]},
+                                                      {"x": torch.ones(3)})
+    assert info.status == "diverged" and info.iterations == 2 and torch.isfinite(x["x"]).all()
 
 
 def test_structure_mismatches_raise_clear_errors():

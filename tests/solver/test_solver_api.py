@@ -92,11 +92,26 @@ def test_weighted_average_over_trajectories():
                                 {"log_wd": lam_a}, method="direct")
     hb = implicit_hypergradient(prob.inner_loss, prob.outer_loss, tb.final_params,
                                 {"log_wd": lam_b}, method="direct")
-    expected = (ha["log_wd"] + 3.0 * hb["log_wd"]) / 4.0
+    # (1/n) Σ w_i h_i over all n = 3 trajectories: the coordinator's rule
+    expected = (ha["log_wd"] + 3.0 * hb["log_wd"]) / 3.0
     assert rel_err(got["log_wd"], expected) < 1e-10
     assert len(opt.last_info) == 2  # the zero-weight trajectory is skipped
     # evaluated at each trajectory's own λ, not the optimizer's current one
     assert not torch.allclose(ha["log_wd"], hb["log_wd"])
+
+
+def test_lone_stale_trajectory_weight_is_applied_like_the_coordinator():
+    # A lone trajectory of weight 0.25 (staleness 2, decay 0.5) gives a quarter of the fresh
+    # hypergradient, as a lone commit does on the coordinator ((1/n) Σ w_i g_i, not / Σ w_i).
+    _, prob = ridge_problem(dtype=f64)
+    opt = ImplicitDifferentiation({"log_wd": torch.zeros(6, dtype=f64)}, lr=0.1, method="direct")
+    _, traj = prob.solve(opt.outer_params)
+    fresh = opt.compute_hypergradient([traj], prob)["log_wd"]
+    stale = Trajectory(outer_params=traj.outer_params, final_params=traj.final_params,
+                       weight=0.25)
+    got = opt.compute_hypergradient([stale], prob)["log_wd"]
+    assert rel_err(got, 0.25 * fresh) < 1e-12
+    assert float(fresh.norm()) > 0
 
 
 def test_compute_hypergradient_bad_input():
