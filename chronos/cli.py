@@ -9,7 +9,9 @@ Subcommands:
                (= ``python -m chronos.benchmarks.NAME``)
 
 Each subcommand's module exposes ``main(argv) -> int``; its heavy imports happen only when
-the subcommand runs, so ``chronos --help`` stays fast.
+the subcommand runs, so ``chronos --help`` stays fast. Output is line-buffered even into a pipe
+(a benchmark's progress shows as it happens), and Ctrl-C at any moment, imports included, ends
+with one line and exit code 130, never a traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, str] = {
     "hypergrad": "chronos.benchmarks.hypergrad",
     "protocol": "chronos.benchmarks.protocol",
+    "scaling": "chronos.benchmarks.scaling",
     "report": "chronos.benchmarks.report",
 }
 
@@ -51,8 +54,32 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130
+
+
+def _line_buffered() -> None:
+    """Flush stdout / stderr at every newline, also into a pipe or file (progress of a long
+    benchmark must not sit in a block buffer until it ends)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except (ValueError, OSError):  # pragma: no cover  (a closed or odd stream)
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; return an exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # e.g. while a subcommand imports torch: one line, no traceback
+        sys.stdout.flush()
+        print("chronos: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     parser = _build_parser()
     if not args_in or args_in[0] in ("-h", "--help", "--version"):
@@ -60,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     command, rest = args_in[0], args_in[1:]
+    _line_buffered()
     if command in SUBCOMMANDS:
         module_name, _, func = SUBCOMMANDS[command][0].partition(":")
         module = importlib.import_module(module_name)
@@ -68,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in BENCHMARKS:
             parser.error(f"bench needs one of {sorted(BENCHMARKS)}, e.g. `chronos bench hypergrad`")
         module = importlib.import_module(BENCHMARKS[rest[0]])
-        return int(module.main(rest[1:]))
+        try:
+            return int(module.main(rest[1:]))
+        finally:
+            sys.stdout.flush()
     parser.error(f"unknown command {command!r}; see `chronos --help`")
     return 2  # pragma: no cover  (parser.error exits)
 

@@ -33,24 +33,29 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from chronos.core import tensordict as td
-from chronos.core.errors import ChronosTypeError, ConfigError
+from chronos.core.errors import ChronosTypeError, ChronosWarning, ConfigError
 from chronos.core.problem import OptimizerSpec, make_optimizer
 from chronos.core.tensordict import TensorDict
 from chronos.core.versioning import BoundedVersionQueue
+from chronos.distributed import defaults
 from chronos.distributed.messages import ErrorCode
 
 __all__ = [
     "OUTER_OPTIMIZERS",
     "Aggregate",
     "CoordinatorConfig",
+    "WindowStalenessWarning",
     "add_commit",
     "aggregate_from_state",
     "aggregate_gradient",
@@ -59,6 +64,7 @@ __all__ = [
     "all_finite",
     "build_outer_optimizer",
     "check_hypergradient",
+    "effective_min_commits",
     "empty_aggregate",
     "is_int",
     "sync_barrier_ready",
@@ -89,26 +95,47 @@ def _is_positive(x: object) -> bool:
 class CoordinatorConfig:
     """Everything the coordinator state machine decides with; validated at construction.
 
+    Every default comes from :mod:`chronos.distributed.defaults` (the one source the
+    coordinator, the launcher and the CLI share).
+
     Args:
         mode: ``"async"`` (bounded asynchrony) or ``"sync"`` (barrier baseline).
         num_workers: workers per sync barrier (required, >= 1, for ``mode="sync"``; optional
             and informational in async mode).
-        max_in_flight: async version window (>= 1).
-        max_staleness: largest accepted staleness in async mode (>= 0).
-        decay: staleness weight base in (0, 1]: weight ``decay ** s``.
-        lease_timeout: seconds of silence after which a worker and its lease expire (> 0).
+        max_in_flight: async version window (>= 1; default 3).
+        max_staleness: largest accepted staleness in async mode (>= 0; default 4). Keep it
+            ``>= max_in_flight``: with a smaller value a worker can be granted a version whose
+            commit can never be accepted (two workers suffice: while B holds ``v``, A alone
+            moves the version to ``v + max_in_flight``); such a config warns
+            (:class:`WindowStalenessWarning`) and relies on lease cancellation to save the work.
+        decay: staleness weight base in (0, 1]: weight ``decay ** s`` (default 0.5).
+        lease_timeout: seconds of silence after which a worker and its lease expire (> 0;
+            default 20).
         heartbeat_interval: seconds between worker heartbeats, sent to workers on
-            registration (> 0 and < ``lease_timeout``).
-        outer_lr: learning rate of a named outer optimizer (> 0).
-        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"`` or a factory
-            ``params -> torch.optim.Optimizer`` (then ``outer_lr`` is not used).
-        min_commits: async mode aggregates this many accepted commits per outer step (>= 1).
+            registration (> 0 and < ``lease_timeout``; default 2).
+        outer_lr: learning rate of a named outer optimizer (> 0), or ``None``: the optimizer's
+            default from :data:`~chronos.distributed.defaults.OUTER_LR`.
+        optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, a factory
+            ``params -> torch.optim.Optimizer`` (then ``outer_lr`` is not used), or ``None``:
+            :data:`~chronos.distributed.defaults.OUTER_OPTIMIZER` (Adam). The resolved pair is
+            :meth:`outer_optimizer`; the fields keep what was given, so
+            ``dataclasses.replace(cfg, optimizer="sgd")`` gets SGD's own default step size.
+        min_commits: accepted commits aggregated per async outer step: an int >= 1, or
+            ``"auto"`` (the default): ``ceil(live / 2)`` for ``live`` registered, alive
+            workers (at least 1; see :func:`effective_min_commits`). With ``N`` equally fast
+            workers every worker then sees about 2 outer steps per hypergradient it computes
+            (staleness ~1–2, accepted at the defaults) instead of ``N − 1`` with one commit per
+            step; a lone worker still steps on every commit. Re-evaluated as workers join and
+            leave: buffered commits step as soon as the smaller count is reached.
         max_steps: the job is done after this many outer steps (>= 1, or ``None``: never).
         dedupe_window: how many accepted commit ids are remembered for idempotence (>= 1).
 
     Example:
+        >>> cfg = CoordinatorConfig()
+        >>> (cfg.max_in_flight, cfg.max_staleness, cfg.min_commits, cfg.outer_optimizer())
+        (3, 4, 'auto', ('adam', 0.05))
         >>> CoordinatorConfig(mode="sync", num_workers=4).worker_config()
-        {'heartbeat_interval': 5.0, 'lease_timeout': 30.0, 'mode': 'sync'}
+        {'heartbeat_interval': 2.0, 'lease_timeout': 20.0, 'mode': 'sync'}
         >>> try:
         ...     CoordinatorConfig(decay=2.0)
         ... except ConfigError as e:
@@ -118,14 +145,14 @@ class CoordinatorConfig:
 
     mode: Literal["async", "sync"] = "async"
     num_workers: int | None = None
-    max_in_flight: int = 3
-    max_staleness: int = 2
-    decay: float = 0.5
-    lease_timeout: float = 30.0
-    heartbeat_interval: float = 5.0
-    outer_lr: float = 0.01
-    optimizer: OptimizerSpec = "sgd"
-    min_commits: int = 1
+    max_in_flight: int = defaults.MAX_IN_FLIGHT
+    max_staleness: int = defaults.MAX_STALENESS
+    decay: float = defaults.DECAY
+    lease_timeout: float = defaults.LEASE_TIMEOUT
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
+    outer_lr: float | None = None
+    optimizer: OptimizerSpec | None = None
+    min_commits: int | Literal["auto"] = defaults.MIN_COMMITS
     max_steps: int | None = None
     dedupe_window: int = 10_000
 
@@ -156,19 +183,48 @@ class CoordinatorConfig:
                 f"({self.lease_timeout}), or live workers would expire between heartbeats; "
                 "a third of lease_timeout or less is a good choice"
             )
-        if not _is_positive(self.outer_lr):
-            raise ConfigError(f"outer_lr must be a positive number, got {self.outer_lr!r}")
-        if not callable(self.optimizer) and self.optimizer not in OUTER_OPTIMIZERS:
+        if self.outer_lr is not None and not _is_positive(self.outer_lr):
             raise ConfigError(
-                f"optimizer must be one of {OUTER_OPTIMIZERS} or a callable "
-                f"params -> torch.optim.Optimizer, got {self.optimizer!r}"
+                f"outer_lr must be a positive number (or None: the optimizer's default), "
+                f"got {self.outer_lr!r}"
             )
-        if not is_int(self.min_commits) or self.min_commits < 1:
-            raise ConfigError(f"min_commits must be an int >= 1, got {self.min_commits!r}")
+        if (
+            self.optimizer is not None
+            and not callable(self.optimizer)
+            and self.optimizer not in OUTER_OPTIMIZERS
+        ):
+            raise ConfigError(
+                f"optimizer must be one of {OUTER_OPTIMIZERS}, a callable "
+                f"params -> torch.optim.Optimizer, or None (default {defaults.OUTER_OPTIMIZER!r}),"
+                f" got {self.optimizer!r}"
+            )
+        if self.min_commits != "auto" and (not is_int(self.min_commits) or self.min_commits < 1):
+            raise ConfigError(
+                f"min_commits must be an int >= 1 or 'auto' (ceil(live workers / 2)), "
+                f"got {self.min_commits!r}"
+            )
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ConfigError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
         if not is_int(self.dedupe_window) or self.dedupe_window < 1:
             raise ConfigError(f"dedupe_window must be an int >= 1, got {self.dedupe_window!r}")
+        if self.mode == "async" and self.max_in_flight > self.max_staleness:
+            warnings.warn(
+                f"max_in_flight={self.max_in_flight} > max_staleness={self.max_staleness}: "
+                "the version window grants work that can never be accepted (while one worker "
+                f"holds version v, another alone can move the version to v + "
+                f"{self.max_in_flight}); such leases are cancelled as soon as they are too "
+                "stale, but the compute already spent on them is lost. Use max_staleness >= "
+                f"max_in_flight (defaults "
+                f"{defaults.MAX_IN_FLIGHT}/{defaults.MAX_STALENESS}).",
+                WindowStalenessWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+    def outer_optimizer(self) -> tuple[OptimizerSpec, float]:
+        """``(optimizer, outer_lr)`` this config runs with, defaults resolved
+        (:func:`~chronos.distributed.defaults.resolve_outer_optimizer`)."""
+        spec, lr = defaults.resolve_outer_optimizer(self.optimizer, self.outer_lr)
+        return spec, lr
 
     def worker_config(self) -> dict[str, float | str]:
         """The scalars sent to a worker in :class:`Registered`."""
@@ -177,6 +233,45 @@ class CoordinatorConfig:
             "lease_timeout": float(self.lease_timeout),
             "mode": self.mode,
         }
+
+
+class WindowStalenessWarning(ChronosWarning):
+    """``max_in_flight > max_staleness``: the version window grants work that can be rejected."""
+
+
+def _user_stacklevel() -> int:
+    """Stack level of the first frame outside Chronos and dataclasses (the user's call)."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith("chronos.") or name in ("dataclasses", "<string>")):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
+
+
+def effective_min_commits(min_commits: int | str, live_workers: int) -> int:
+    """Commits per async outer step: ``min_commits`` itself, or for ``"auto"``
+    ``max(1, ceil(live_workers / 2))``.
+
+    Why ``/ 2``: ``N`` equally fast workers commit ``N`` hypergradients per compute time ``T``;
+    stepping every ``m`` commits gives ``N / m`` versions per ``T``, which is the staleness a
+    commit sees. ``m = ceil(N / 2)`` keeps it near 2 for any ``N`` (inside the default
+    ``max_staleness`` 4 and the window 3, with room for jitter), while still taking about two
+    steps per ``T`` (``m = N`` would halve the number of steps for a staleness of ~1);
+    measured in :mod:`chronos.benchmarks.scaling`.
+
+    Example:
+        >>> [effective_min_commits("auto", n) for n in (0, 1, 2, 3, 4, 64)]
+        [1, 1, 1, 2, 2, 32]
+        >>> effective_min_commits(3, 64)
+        3
+    """
+    if min_commits == "auto":
+        return max(1, -(-live_workers // 2))
+    return int(min_commits)
 
 
 # -- validation -----------------------------------------------------------------------------------

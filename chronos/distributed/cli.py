@@ -1,19 +1,26 @@
 """``chronos run``, ``chronos coordinator`` and ``chronos worker``.
 
 * ``chronos run PROBLEM --workers N [--mode async|sync] [--max-staleness S] ...`` — a coordinator
-  and N worker processes on this machine, with progress, stopped cleanly on completion or Ctrl-C.
+  and N worker processes on this machine, with progress (a bar on a terminal when tqdm is
+  installed, one line a second otherwise), stopped cleanly on completion or Ctrl-C.
 * ``chronos coordinator --problem PROBLEM --port P ...`` — only the coordinator, for multi-host
   jobs (binds 127.0.0.1 unless ``--host`` and ``--allow-remote`` are given).
 * ``chronos worker PROBLEM --coordinator tcp://HOST:PORT --rank R --world-size N`` — one worker.
 
 ``PROBLEM`` is ``package.module:factory`` (default: ``chronos.benchmarks.problems:
-digits_weight_decay``); the factory is called as ``factory(rank, world_size)``.
+digits_weight_decay``); the factory is called as ``factory(rank, world_size)``. A module in the
+current directory is found (as with ``python -m``), in the launcher and in every worker.
+``--seed S`` seeds ``random``, NumPy and torch: the launcher / coordinator with ``S``, worker
+``rank`` with ``S + rank``. Every default (see ``--help``) comes from
+:mod:`chronos.distributed.defaults`.
 
 Exit codes: 0 done (``run``: the job reached ``--steps``; ``coordinator`` / ``worker``: the job
 is done, SIGTERM, or ``--max-iterations``); 1 the job failed or did not finish (``run``:
 timeout or every worker died; ``worker``: the coordinator stayed unreachable); 2 bad usage or
-configuration (one ``error:`` line on stderr, no traceback); 130 interrupted by Ctrl-C (after a
-clean stop: ``run`` stops every process it started, ``coordinator`` tells its workers to leave).
+configuration (one ``error:`` line on stderr, no traceback; e.g. a coordinator host name that
+does not resolve); 130 interrupted by Ctrl-C, at any moment (after a clean stop: ``run`` stops
+every process it started and still prints its summary and writes ``--json``, marked
+``"interrupted": true``; ``coordinator`` tells its workers to leave).
 """
 
 from __future__ import annotations
@@ -26,15 +33,59 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from chronos.core.errors import ChronosError, ConfigError
+from chronos.distributed import defaults
+
+if TYPE_CHECKING:
+    from chronos.distributed.launcher import RunConfig, RunResult
 
 __all__ = ["coordinator_main", "run_main", "worker_main"]
 
 DEFAULT_PROBLEM = "chronos.benchmarks.problems:digits_weight_decay"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# -- argument types: a bad value is one `error:` line (argparse's) and exit code 2 ---------------
+
+
+def _int_at_least(low: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be an int >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _min_commits(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"min_commits must be an int >= 1 or 'auto', got "
+                                         f"{text!r}")
+    return value
 
 
 def _delays(text: str) -> float | tuple[float, ...]:
@@ -50,52 +101,142 @@ def _delays(text: str) -> float | tuple[float, ...]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+_seed = _int_at_least(0, "seed")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout; appends ``(default: …)`` to every option whose help
+    does not already say what its default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or "(default" in text
+                or (not action.option_strings and action.nargs not in ("?", "*"))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``PROG: error: WHAT (see PROG
+    --help)``, exit code 2."""
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr,
+              flush=True)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    return _Parser(prog=prog, description=doc, formatter_class=_HelpFormatter)
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
+    """``p.parse_args(argv)``, or the exit code argparse chose (0 for ``--help``, 2 for bad
+    usage: it has printed the usage and one ``error:`` line)."""
+    try:
+        return p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
 def _error(prog: str, e: BaseException) -> int:
     """One line on stderr; exit code 2 for configuration errors, else 1."""
     print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
     return EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILED
 
 
-def _coordinator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["async", "sync"], default="async")
-    p.add_argument("--max-staleness", type=int, default=2, help="reject commits staler than S")
-    p.add_argument("--max-in-flight", type=int, default=3, help="version window width")
-    p.add_argument("--decay", type=float, default=0.5, help="stale commit weight = decay**s")
-    p.add_argument("--outer-lr", type=float, default=None,
-                   help="outer SGD step size (default: the problem's default_outer_lr, else 0.1)")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
-    p.add_argument("--min-commits", type=int, default=1)
-    p.add_argument("--lease-timeout", type=float, default=20.0)
-    p.add_argument("--heartbeat-interval", type=float, default=1.0)
+def _interrupted(prog: str, what: str) -> int:
+    print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _coordinator_args(
+    p: argparse.ArgumentParser,
+    seed_help: str = "seed random/NumPy/torch in this process (default: unseeded)",
+) -> None:
+    p.add_argument("--mode", choices=["async", "sync"], default="async",
+                   help="async: bounded staleness; sync: every worker on every version")
+    p.add_argument("--max-staleness", type=_int_at_least(0, "max_staleness"),
+                   default=defaults.MAX_STALENESS, help="reject commits staler than S versions")
+    p.add_argument("--max-in-flight", type=_int_at_least(1, "max_in_flight"),
+                   default=defaults.MAX_IN_FLIGHT, help="version window width")
+    p.add_argument("--decay", type=float, default=defaults.DECAY,
+                   help="a commit of staleness s is weighted decay**s")
+    p.add_argument("--optimizer", choices=sorted(defaults.OUTER_LR), default=None,
+                   help="outer optimizer (default: the problem's default_outer_optimizer if it "
+                        f"has a default_outer_lr, else {defaults.OUTER_OPTIMIZER})")
+    lrs = ", ".join(f"{k} {v:g}" for k, v in defaults.OUTER_LR.items())
+    p.add_argument("--outer-lr", type=_positive_float, default=None,
+                   help="outer step size (default: the problem's default_outer_lr with its own "
+                        f"optimizer, else per optimizer: {lrs})")
+    p.add_argument("--min-commits", type=_min_commits, default=defaults.MIN_COMMITS,
+                   help="commits aggregated per async outer step: an int >= 1, or 'auto' "
+                        "(scales with the number of live workers)")
+    p.add_argument("--lease-timeout", type=_positive_float, default=defaults.LEASE_TIMEOUT,
+                   help="seconds of silence after which a worker and its lease expire")
+    p.add_argument("--heartbeat-interval", type=_positive_float,
+                   default=defaults.HEARTBEAT_INTERVAL,
+                   help="seconds between worker heartbeats (sent to workers on registration)")
+    p.add_argument("--seed", type=_seed, default=None, help=seed_help)
+
+
+# -- chronos run -------------------------------------------------------------------------------
+
+
+def _worker_solve_args(p: argparse.ArgumentParser) -> None:
+    """How each worker solves and differentiates (``run`` and ``worker`` share them)."""
+    p.add_argument("--inner-steps", type=_int_at_least(1, "inner_steps"), default=None,
+                   help="inner solver steps (default: the problem's)")
+    p.add_argument("--hypergradient", choices=["implicit", "unrolled"], default="implicit",
+                   help="how workers differentiate through the inner solve")
+    p.add_argument("--unroll-lr", type=_positive_float, default=None,
+                   help="with --hypergradient unrolled: unroll plain gradient descent of this "
+                        "step from the solution (default: replay the problem's own SGD/momentum "
+                        "solve; needed for problems solved by L-BFGS or Adam)")
+    p.add_argument("--significance-threshold", type=float, default=0.0,
+                   help="send a hypergradient only when ||g + r|| / ||λ|| exceeds this")
 
 
 def run_main(argv: list[str] | None = None) -> int:
     """``chronos run``: a coordinator and N worker processes on this machine."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # e.g. while importing torch or the problem's data
+        return _interrupted("chronos run", "nothing is left running")
+
+
+def _run(argv: list[str] | None) -> int:
+    p = _parser("chronos run", run_main.__doc__)
+    p.add_argument("problem", nargs="?", default=DEFAULT_PROBLEM, help="package.module:factory")
+    p.add_argument("--workers", type=_int_at_least(1, "workers"), default=2,
+                   help="worker processes to start")
+    _coordinator_args(p, "seed random/NumPy/torch: the launcher with SEED, worker RANK with "
+                         "SEED + RANK; recorded in --json (default: unseeded)")
+    p.add_argument("--steps", type=_int_at_least(1, "steps"), default=50,
+                   help="outer steps (versions) to run")
+    p.add_argument("--straggler-delay", type=_delays, default=0.0,
+                   help="seconds per iteration, one value or one per worker (comma-separated)")
+    _worker_solve_args(p)
+    p.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="give up after this many seconds")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write the result (config, figures, history) as JSON to FILE; '-' "
+                        "prints it on stdout (the progress then goes to stderr) "
+                        "(default: no JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
     from chronos.distributed.launcher import (
         RunConfig,
-        config_dict,
+        RunInterrupted,
+        add_cwd_to_path,
         load_factory,
-        outer_losses,
         run_local,
     )
 
-    p = argparse.ArgumentParser(prog="chronos run", description=run_main.__doc__)
-    p.add_argument("problem", nargs="?", default=DEFAULT_PROBLEM, help="package.module:factory")
-    p.add_argument("--workers", type=int, default=2)
-    _coordinator_args(p)
-    p.add_argument("--steps", type=int, default=50, help="outer steps (versions) to run")
-    p.add_argument("--straggler-delay", type=_delays, default=0.0,
-                   help="seconds per iteration, one value or one per worker (comma-separated)")
-    p.add_argument("--inner-steps", type=int, default=None)
-    p.add_argument("--hypergradient", choices=["implicit", "unrolled"], default="implicit")
-    p.add_argument("--significance-threshold", type=float, default=0.0)
-    p.add_argument("--timeout", type=float, default=300.0, help="give up after this many s")
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help="write the result (config, figures, history) as JSON to FILE; '-' "
-                        "prints it on stdout (the progress then goes to stderr)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = p.parse_args(argv)
     out: TextIO = sys.stderr if args.json == "-" else sys.stdout
+    add_cwd_to_path()
     try:
         cfg = RunConfig(
             problem=args.problem, workers=args.workers, mode=args.mode, max_steps=args.steps,
@@ -104,105 +245,234 @@ def run_main(argv: list[str] | None = None) -> int:
             min_commits=args.min_commits, lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval, straggler_delay=args.straggler_delay,
             inner_steps=args.inner_steps, hypergradient=args.hypergradient,
+            unroll_lr=args.unroll_lr,
             significance_threshold=args.significance_threshold, timeout=args.timeout,
+            seed=args.seed,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
     except ChronosError as e:
         return _error(p.prog, e)
 
-    def show(s: dict[str, Any]) -> None:
-        if not args.quiet:
-            print(f"[{s['elapsed_s']:6.1f}s] version {s['version']:4d}/{cfg.max_steps} | "
-                  f"outer loss {s['outer_loss']:.4f} | {s['commits_per_s']:.1f} commits/s | "
-                  f"accepted {s.get('commits_accepted', 0)} rejected "
-                  f"{s.get('commits_rejected', 0)} deferred {s.get('checkouts_deferred', 0)} | "
-                  f"workers {s.get('workers_running', 0)}/{cfg.workers}", file=out, flush=True)
-
     print(f"chronos run {cfg.problem}: {cfg.workers} workers, mode {cfg.mode}, "
           f"{cfg.max_steps} outer steps, max_staleness {cfg.max_staleness}, max_in_flight "
-          f"{cfg.max_in_flight}", file=out, flush=True)
+          f"{cfg.max_in_flight}" + ("" if cfg.seed is None else f", seed {cfg.seed}"),
+          file=out, flush=True)
+    progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet)
+    code = EXIT_OK
     try:
-        result = run_local(cfg, progress=show)
-    except KeyboardInterrupt:
+        result = run_local(cfg, progress=progress)
+    except RunInterrupted as e:
+        progress.close()
         print("chronos run: interrupted; every worker process was stopped", file=sys.stderr,
               flush=True)
-        return EXIT_INTERRUPTED
+        result, code = e.result, EXIT_INTERRUPTED
     except ChronosError as e:
+        progress.close()
         return _error(p.prog, e)
+    finally:
+        progress.close()
+    print_summary(result, cfg, out)
+    if args.json is not None:
+        _write_json(args.json, cfg, result, out)
+    if code == EXIT_OK and not result.completed:
+        code = EXIT_FAILED
+    return code
+
+
+def _format_loss(s: dict[str, Any], workers: int) -> str:
+    loss = s.get("outer_loss")
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+        return f"outer loss {loss:.4f}"
+    if not s.get("commits_accepted") and not s.get("version"):
+        alive = s.get("workers_alive")
+        if isinstance(alive, int) and alive < workers:
+            return f"outer loss — (waiting for workers: {alive}/{workers} connected)"
+        return "outer loss — (waiting for the first commit)"
+    return "outer loss —"
+
+
+def progress_line(s: dict[str, Any], max_steps: int, workers: int) -> str:
+    """One progress line from :func:`~chronos.distributed.launcher.run_local`'s figures; the
+    outer loss reads ``—`` until a step has reported one (never ``nan``)."""
+    return (f"[{s.get('elapsed_s', 0.0):6.1f}s] version {s.get('version', 0):4d}/{max_steps} | "
+            f"{_format_loss(s, workers)} | {s.get('commits_per_s', 0.0):.1f} commits/s | "
+            f"accepted {s.get('commits_accepted', 0)} rejected "
+            f"{s.get('commits_rejected', 0)} deferred {s.get('checkouts_deferred', 0)} | "
+            f"workers {s.get('workers_running', 0)}/{workers}")
+
+
+class Progress:
+    """``chronos run``'s progress: a tqdm bar when ``out`` is a terminal and tqdm is installed
+    (``pip install chronos[bench]``), else one plain line per report (what logs, tests and CI
+    read); nothing with ``quiet``. Call it with run_local's figures; :meth:`close` at the end."""
+
+    def __init__(self, out: TextIO, max_steps: int, workers: int, quiet: bool = False) -> None:
+        self.out, self.max_steps, self.workers, self.quiet = out, max_steps, workers, quiet
+        self.bar: Any = None
+        if quiet or not _isatty(out):
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=max_steps, file=out, unit="step", desc="outer steps",
+                        dynamic_ncols=True, leave=True)
+
+    def __call__(self, s: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            print(progress_line(s, self.max_steps, self.workers), file=self.out, flush=True)
+            return
+        version = min(int(s.get("version", 0)), self.max_steps)
+        if version > self.bar.n:
+            self.bar.update(version - self.bar.n)
+        self.bar.set_postfix_str(
+            f"{_format_loss(s, self.workers)} | {s.get('commits_per_s', 0.0):.1f} commits/s | "
+            f"rejected "
+            f"{s.get('commits_rejected', 0)} | workers {s.get('workers_running', 0)}/"
+            f"{self.workers}", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _per_worker(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-worker figures in the coordinator's stats, if it has any: the first entry that maps
+    worker ids to dicts (e.g. ``{"worker-0": {"commits_accepted": 12, ...}}``)."""
+    for key in ("workers", "per_worker", "by_worker"):
+        table = stats.get(key)
+        if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
+            return {str(k): v for k, v in table.items()}
+    return {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
+    """The end of ``chronos run``: how far it got, the counters, one line per worker (if the
+    coordinator's stats have per-worker figures), the outer loss and the final λ."""
+    from chronos.distributed.launcher import outer_losses
+
     s = result.stats
     wall = result.wall_time
-    print(f"finished: version {result.version}/{cfg.max_steps} in {wall:.1f} s "
-          f"({'complete' if result.completed else 'INCOMPLETE'}); "
+    status = ("INTERRUPTED" if result.interrupted else
+              "complete" if result.completed else "INCOMPLETE")
+    print(f"finished: version {result.version}/{cfg.max_steps} in {wall:.1f} s ({status}); "
           f"{s.get('commits_accepted', 0) / wall if wall > 0 else 0.0:.2f} commits/s; "
           f"commits accepted {s.get('commits_accepted', 0)}, rejected "
           f"{s.get('commits_rejected', 0)}; checkouts deferred {s.get('checkouts_deferred', 0)}; "
           f"bytes received {s.get('bytes_received', 0)}, sent {s.get('bytes_sent', 0)}; "
           f"worker exit codes {list(result.worker_exitcodes)}", file=out, flush=True)
+    for wid, figures in sorted(_per_worker(s).items()):
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()
+                          if isinstance(v, (int, float, str)))
+        print(f"  {wid}: {shown}", file=out)
     losses = outer_losses(result.history)
     if losses:
         n = min(cfg.workers, len(losses))
         print(f"  outer loss (mean of {n} steps): first {sum(losses[:n]) / n:.4f}, last "
               f"{sum(losses[-n:]) / n:.4f}", file=out)
+    else:
+        print("  outer loss: — (no step reported one)", file=out)
     for k, v in result.outer_params.items():
         flat = v.flatten()
         shown = ", ".join(f"{x:.4f}" for x in flat[:6].tolist())
         more = f", ... ({flat.numel()} values)" if flat.numel() > 6 else ""
         print(f"  {k} = [{shown}{more}]", file=out, flush=True)
-    if args.json is not None:
-        text = json.dumps({"config": config_dict(cfg), **result.summary(),
-                           "history": result.history}, indent=2, default=str)
-        if args.json == "-":
-            print(text, flush=True)
-        else:
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}", file=out)
-    return EXIT_OK if result.completed else EXIT_FAILED
+
+
+def _write_json(target: str, cfg: RunConfig, result: RunResult, out: TextIO) -> None:
+    from chronos.distributed.launcher import config_dict
+
+    text = json.dumps({"config": config_dict(cfg), "seed": cfg.seed, **result.summary(),
+                       "history": result.history}, indent=2, default=str)
+    if target == "-":
+        print(text, flush=True)
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}", file=out, flush=True)
+
+
+# -- chronos coordinator -----------------------------------------------------------------------
 
 
 def coordinator_main(argv: list[str] | None = None) -> int:
     """``chronos coordinator``: serve until ``--steps`` outer steps are done, SIGTERM or
     Ctrl-C (then every worker is told to stop)."""
-    from chronos.distributed.coordinator import Coordinator
-    from chronos.distributed.launcher import (
-        default_outer_lr,
-        initial_outer_params,
-        make_problem,
-    )
+    try:
+        return _coordinator(argv)
+    except KeyboardInterrupt:  # before the loop: nothing was serving yet
+        return _interrupted("chronos coordinator", "nothing is left running")
 
-    p = argparse.ArgumentParser(prog="chronos coordinator", description=coordinator_main.__doc__)
+
+def _coordinator(argv: list[str] | None) -> int:
+    p = _parser("chronos coordinator", coordinator_main.__doc__)
     p.add_argument("--problem", default=DEFAULT_PROBLEM,
                    help="factory whose default_outer_params() gives the initial λ")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5555, help="0: any free port (printed)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    p.add_argument("--port", type=_int_at_least(0, "port"), default=5555,
+                   help="0: any free port (printed)")
     p.add_argument("--allow-remote", action="store_true",
                    help="permit binding a non-loopback --host")
-    p.add_argument("--num-workers", type=int, default=None, help="required for --mode sync")
+    p.add_argument("--num-workers", type=_int_at_least(1, "num_workers"), default=None,
+                   help="workers in the job; required for --mode sync (default: not fixed)")
     _coordinator_args(p)
-    p.add_argument("--steps", type=int, default=50,
+    p.add_argument("--steps", type=_int_at_least(0, "steps"), default=50,
                    help="outer steps (versions) to run; 0: until stopped")
-    p.add_argument("--report-every", type=float, default=5.0, help="seconds between reports")
-    args = p.parse_args(argv)
+    p.add_argument("--report-every", type=_positive_float, default=5.0,
+                   help="seconds between reports")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    from chronos.distributed.launcher import (
+        add_cwd_to_path,
+        coordinator_settings,
+        initial_outer_params,
+        make_coordinator,
+        make_problem,
+        seed_everything,
+    )
+
     logging.basicConfig(level=logging.INFO, format="[coordinator] %(levelname)s %(message)s")
+    add_cwd_to_path()
+    seed_everything(args.seed)
     try:
         problem = make_problem(args.problem, 0, args.num_workers or 1)
-        coord = Coordinator(
-            initial_outer_params(problem, args.problem), port=args.port, host=args.host,
-            allow_remote=args.allow_remote, mode=args.mode, num_workers=args.num_workers,
-            max_in_flight=args.max_in_flight, max_staleness=args.max_staleness,
-            decay=args.decay,
-            outer_lr=default_outer_lr(problem) if args.outer_lr is None else args.outer_lr,
-            optimizer=args.optimizer, min_commits=args.min_commits, max_steps=args.steps or None,
+        coord = make_coordinator(
+            initial_outer_params(problem, args.problem),
+            coordinator_settings(args.optimizer, args.outer_lr, args.min_commits, problem),
+            port=args.port, host=args.host, allow_remote=args.allow_remote, mode=args.mode,
+            num_workers=args.num_workers, max_in_flight=args.max_in_flight,
+            max_staleness=args.max_staleness, decay=args.decay, max_steps=args.steps or None,
             lease_timeout=args.lease_timeout, heartbeat_interval=args.heartbeat_interval,
         )
-        coord.start()
     except ChronosError as e:
         return _error(p.prog, e)
-    print(f"coordinator listening on {coord.address}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
     code = EXIT_OK
     try:
+        try:
+            coord.start()
+        except ChronosError as e:
+            return _error(p.prog, e)
+        print(f"coordinator listening on {coord.address}"
+              + ("" if args.seed is None else f" (seed {args.seed})"), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: coord.stop())
         while not coord.wait(timeout=args.report_every):
             s = coord.stats()
             print(f"version {s['version']} | workers {s.get('workers_alive', 0)} | accepted "
@@ -211,6 +481,7 @@ def coordinator_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
         coord.stop()
     s = coord.stats()
     print(f"stopped at version {coord.version}; commits accepted {s.get('commits_accepted', 0)}"
@@ -219,40 +490,67 @@ def coordinator_main(argv: list[str] | None = None) -> int:
     return code
 
 
+# -- chronos worker ----------------------------------------------------------------------------
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """``chronos worker``: one worker process against a running coordinator (until the job is
     done, ``--max-iterations``, SIGTERM or Ctrl-C)."""
-    from chronos.distributed.launcher import make_problem
-    from chronos.distributed.worker import Worker, WorkerConfig
+    try:
+        return _worker(argv)
+    except KeyboardInterrupt:  # before the worker runs (e.g. importing torch)
+        return _interrupted("chronos worker", "nothing is left running")
 
-    p = argparse.ArgumentParser(prog="chronos worker", description=worker_main.__doc__)
-    p.add_argument("problem", nargs="?", default=DEFAULT_PROBLEM)
-    p.add_argument("--coordinator", default="tcp://127.0.0.1:5555")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--worker-id", default=None)
-    p.add_argument("--inner-steps", type=int, default=None)
-    p.add_argument("--hypergradient", choices=["implicit", "unrolled"], default="implicit")
-    p.add_argument("--significance-threshold", type=float, default=0.0)
-    p.add_argument("--straggler-delay", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--max-iterations", type=int, default=None)
-    p.add_argument("--heartbeat-interval", type=float, default=None,
-                   help="default: the coordinator's")
-    p.add_argument("--request-timeout", type=float, default=10.0)
-    p.add_argument("--connect-timeout", type=float, default=60.0,
+
+def _worker(argv: list[str] | None) -> int:
+    p = _parser("chronos worker", worker_main.__doc__)
+    p.add_argument("problem", nargs="?", default=DEFAULT_PROBLEM, help="package.module:factory")
+    p.add_argument("--coordinator", default="tcp://127.0.0.1:5555",
+                   help="the coordinator's address, tcp://HOST:PORT")
+    p.add_argument("--rank", type=_int_at_least(0, "rank"), default=0,
+                   help="this worker's rank (its data shard; its seed is --seed + rank)")
+    p.add_argument("--world-size", type=_int_at_least(1, "world_size"), default=1,
+                   help="number of workers in the job")
+    p.add_argument("--worker-id", default=None,
+                   help="unique id of this worker (default: host name and process id)")
+    _worker_solve_args(p)
+    p.add_argument("--straggler-delay", type=float, default=0.0,
+                   help="injected seconds of busy work per iteration")
+    p.add_argument("--threads", type=_int_at_least(1, "threads"), default=1,
+                   help="torch threads")
+    p.add_argument("--max-iterations", type=_int_at_least(0, "max_iterations"), default=None,
+                   help="stop after this many iterations (default: until the job is done)")
+    p.add_argument("--heartbeat-interval", type=_positive_float, default=None,
+                   help="seconds between heartbeats (default: the coordinator's)")
+    p.add_argument("--request-timeout", type=_positive_float, default=10.0,
+                   help="re-send a request after this many seconds without a reply")
+    p.add_argument("--connect-timeout", type=_positive_float, default=60.0,
                    help="give up after this many seconds without a coordinator")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="seed random/NumPy/torch with seed + rank (default: unseeded)")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    if args.rank >= args.world_size:
+        why = f"--rank {args.rank} must be < --world-size {args.world_size}"
+        return _error(p.prog, ConfigError(why))
+    from chronos.distributed.launcher import add_cwd_to_path, make_problem, seed_everything
+    from chronos.distributed.worker import Worker, WorkerConfig
+    from chronos.distributed.worker_link import resolve_address
+
     logging.basicConfig(level=logging.INFO, format="[worker] %(levelname)s %(message)s")
+    add_cwd_to_path()
+    seed_everything(None if args.seed is None else args.seed + args.rank)
     try:
         cfg = WorkerConfig(
             coordinator_addr=args.coordinator, worker_id=args.worker_id,
             inner_steps=args.inner_steps, hypergradient=args.hypergradient,
-            significance_threshold=args.significance_threshold,
+            unroll_lr=args.unroll_lr, significance_threshold=args.significance_threshold,
             straggler_delay=args.straggler_delay, num_threads=args.threads,
             heartbeat_interval=args.heartbeat_interval, request_timeout=args.request_timeout,
             connect_timeout=args.connect_timeout,
         )
+        resolve_address(cfg.coordinator_addr)  # a host that does not resolve: say so, now
         problem = make_problem(args.problem, args.rank, args.world_size)
         worker = Worker(problem, cfg)
     except ChronosError as e:
@@ -265,11 +563,13 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, on_sigint)
+    print(f"worker {worker.worker_id}: connecting to {cfg.coordinator_addr} (timeout "
+          f"{cfg.connect_timeout:g} s)", flush=True)
     t0 = time.perf_counter()
     try:
         stats = worker.run(max_iterations=args.max_iterations)
     except ChronosError as e:
-        return _error(p.prog, e)
+        return EXIT_INTERRUPTED if interrupted else _error(p.prog, e)
     print(f"worker {worker.worker_id} done in {time.perf_counter() - t0:.1f} s "
           f"({worker.stop_reason or 'max iterations'}): {int(stats['iterations'])} iterations, "
           f"{int(stats['commits_accepted'])} accepted, {int(stats['commits_rejected'])} "

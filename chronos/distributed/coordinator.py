@@ -12,29 +12,40 @@ from whichever event frees the version window.
 Unparseable or invalid frames get an :class:`~.messages.ErrorReply` (code and message from the
 decoder), are counted in :meth:`Coordinator.stats` and logged once each; they change no state.
 
+Defaults (every one from :mod:`chronos.distributed.defaults`): window 3, staleness 4, decay
+0.5, ``min_commits="auto"`` (``ceil(live workers / 2)`` commits per step), Adam with step 0.05
+on λ unless ``problem=`` names its own outer step (or ``optimizer`` / ``outer_lr`` are given).
+
 Example (a worker normally does the talking; see :mod:`chronos.distributed.worker`):
-    >>> c = Coordinator({"lr": 0.01}, port=0, max_in_flight=3, max_staleness=2)
+    >>> c = Coordinator({"lr": 0.01}, port=0)
     >>> c.start().address.startswith("tcp://127.0.0.1:")
     True
-    >>> c.version, round(float(c.outer_params["lr"]), 6)
-    (0, 0.01)
+    >>> c.version, round(float(c.outer_params["lr"]), 6), c.config.outer_optimizer()
+    (0, 0.01, ('adam', 0.05))
     >>> c.stop()
+    >>> try:                                  # a config and a keyword setting: which one wins?
+    ...     Coordinator({"lr": 0.01}, config=CoordinatorConfig(), max_staleness=7)
+    ... except ConfigError as e:
+    ...     print(str(e)[:70])
+    Coordinator(config=...) also got max_staleness=7; put it in the config
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from torch import Tensor
 
-from chronos.core.errors import ChronosError
+from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import OptimizerSpec
 from chronos.core.tensordict import TensorDict
+from chronos.distributed.defaults import resolve_outer_optimizer
 from chronos.distributed.messages import ErrorReply, ShutdownNotice
 from chronos.distributed.protocol import (
     DEFAULT_LIMITS,
@@ -54,6 +65,18 @@ log = logging.getLogger("chronos.coordinator")
 _BATCH = 256  # messages handled per wake-up before the loop looks at the clock again
 
 
+class _Unset(enum.Enum):
+    """Marks a keyword setting the caller did not pass (so ``config=`` can refuse one)."""
+
+    UNSET = "<unset>"
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Final = _Unset.UNSET
+
+
 def _identity_name(identity: bytes) -> str:
     try:
         return identity.decode("utf-8")
@@ -65,60 +88,92 @@ class Coordinator:
     """Owns the versioned outer parameters and serves workers over ZeroMQ.
 
     Args:
-        outer_params: λ as tensors or numbers, e.g. ``{"lr": 0.01}``.
+        outer_params: λ as tensors or numbers, e.g. ``{"lr": 0.01}`` (default: ``problem``'s
+            ``default_outer_params()``).
         port: TCP port (0: a free one; read :attr:`address` after :meth:`start`).
         host: interface to bind; 127.0.0.1 unless ``allow_remote=True``.
         max_in_flight, max_staleness, decay: bounded asynchrony (see
-            :class:`~chronos.core.versioning.BoundedVersionQueue`).
+            :class:`~chronos.core.versioning.BoundedVersionQueue`); defaults 3, 4, 0.5.
         mode: ``"async"`` or ``"sync"`` (the barrier baseline; needs ``num_workers``).
         num_workers: workers per sync barrier.
-        outer_lr, optimizer: the outer optimizer over λ (default SGD).
-        min_commits: async mode aggregates this many commits per outer step.
+        outer_lr, optimizer: the outer optimizer over λ. Left out (or ``None``): the
+            ``problem``'s ``default_outer_lr`` / ``default_outer_optimizer`` when a problem is
+            given, else Adam with step 0.05 (see
+            :func:`~chronos.distributed.defaults.resolve_outer_optimizer`).
+        min_commits: commits aggregated per async outer step: an int, or ``"auto"`` (default:
+            ``ceil(live workers / 2)``, see :class:`~.state.CoordinatorConfig`).
         max_steps: after this many outer steps the job is done and workers are told to stop.
-        lease_timeout, heartbeat_interval: liveness (seconds).
+        lease_timeout, heartbeat_interval: liveness (seconds; defaults 20 and 2).
+        problem: an :class:`~chronos.core.InnerProblem` (or anything with
+            ``default_outer_params()`` / ``default_outer_lr``) whose defaults to use.
         allow_remote: permit binding a non-loopback ``host``.
         curve: CURVE keys / client allow-list (see :class:`~.transport.CurveServerConfig`).
         limits: decoder size limits.
-        config: a ready :class:`~.state.CoordinatorConfig` (then the keyword settings above
-            must be left at their defaults).
+        config: a ready :class:`~.state.CoordinatorConfig`. Then none of the settings above
+            (``mode`` … ``heartbeat_interval``) may be passed as well: that raises
+            :class:`~chronos.core.errors.ConfigError` instead of silently dropping one (put
+            it in the config, or ``dataclasses.replace(config, ...)``). ``problem`` then only
+            supplies ``outer_params``.
     """
 
     def __init__(
         self,
-        outer_params: Mapping[str, Tensor | float],
+        outer_params: Mapping[str, Tensor | float] | None = None,
         port: int = 5555,
         host: str = "127.0.0.1",
         *,
-        max_in_flight: int = 3,
-        max_staleness: int = 2,
-        decay: float = 0.5,
-        mode: Literal["async", "sync"] = "async",
-        num_workers: int | None = None,
-        outer_lr: float = 0.01,
-        optimizer: OptimizerSpec = "sgd",
-        min_commits: int = 1,
-        max_steps: int | None = None,
-        lease_timeout: float = 30.0,
-        heartbeat_interval: float = 2.0,
+        max_in_flight: int | _Unset = _UNSET,
+        max_staleness: int | _Unset = _UNSET,
+        decay: float | _Unset = _UNSET,
+        mode: Literal["async", "sync"] | _Unset = _UNSET,
+        num_workers: int | _Unset | None = _UNSET,
+        outer_lr: float | _Unset | None = _UNSET,
+        optimizer: OptimizerSpec | _Unset | None = _UNSET,
+        min_commits: int | Literal["auto"] | _Unset = _UNSET,
+        max_steps: int | _Unset | None = _UNSET,
+        lease_timeout: float | _Unset = _UNSET,
+        heartbeat_interval: float | _Unset = _UNSET,
+        problem: Any = None,
         allow_remote: bool = False,
         curve: CurveServerConfig | None = None,
         limits: DecodeLimits = DEFAULT_LIMITS,
         config: CoordinatorConfig | None = None,
     ) -> None:
-        if config is None:
-            config = CoordinatorConfig(
-                mode=mode,
-                num_workers=num_workers,
-                max_in_flight=max_in_flight,
-                max_staleness=max_staleness,
-                decay=decay,
-                lease_timeout=lease_timeout,
-                heartbeat_interval=heartbeat_interval,
-                outer_lr=outer_lr,
-                optimizer=optimizer,
-                min_commits=min_commits,
-                max_steps=max_steps,
+        settings: dict[str, Any] = {
+            "mode": mode,
+            "num_workers": num_workers,
+            "max_in_flight": max_in_flight,
+            "max_staleness": max_staleness,
+            "decay": decay,
+            "lease_timeout": lease_timeout,
+            "heartbeat_interval": heartbeat_interval,
+            "outer_lr": outer_lr,
+            "optimizer": optimizer,
+            "min_commits": min_commits,
+            "max_steps": max_steps,
+        }
+        given = {k: v for k, v in settings.items() if v is not _UNSET}
+        if config is not None:
+            if given:
+                listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+                raise ConfigError(
+                    f"Coordinator(config=...) also got {listed}; put it in the config "
+                    f"(dataclasses.replace(config, {', '.join(f'{k}=...' for k in given)})) or "
+                    "pass keyword settings without config= — not both, so that none is "
+                    "silently ignored"
+                )
+        else:
+            given["optimizer"], given["outer_lr"] = resolve_outer_optimizer(
+                given.get("optimizer"), given.get("outer_lr"), problem
             )
+            config = CoordinatorConfig(**given)
+        if outer_params is None:
+            if problem is None or not callable(getattr(problem, "default_outer_params", None)):
+                raise ConfigError(
+                    "Coordinator needs outer_params (e.g. {'lr': 0.01}) or a problem= with "
+                    "default_outer_params()"
+                )
+            outer_params = problem.default_outer_params()
         self._state = CoordinatorState(outer_params, config)
         self.config = config
         self._bind = (host, port, allow_remote, curve, limits)

@@ -8,10 +8,16 @@ Worker processes start with the ``spawn`` method (torch thread pools and ZeroMQ 
 not survive a fork), call ``torch.set_num_threads`` so N workers do not oversubscribe the
 cores, and talk to the coordinator over TCP on 127.0.0.1. :func:`run_local` returns when the
 coordinator reaches ``max_steps`` (it then tells every worker to stop), when every worker
-exited, or on timeout; Ctrl-C raises ``KeyboardInterrupt`` after the cleanup. Either way every
-process it started is stopped: workers ignore SIGINT (the launcher owns Ctrl-C), leave on the
-coordinator's ShutdownNotice, stop cleanly on SIGTERM, and stop by themselves if the launcher
+exited, or on timeout; Ctrl-C raises :class:`RunInterrupted` (a ``KeyboardInterrupt`` carrying
+the partial :class:`RunResult`) after the cleanup. Either way every process it started is
+stopped: workers ignore SIGINT (the launcher owns Ctrl-C), leave on the coordinator's
+ShutdownNotice, stop cleanly on SIGTERM, and stop by themselves if the launcher
 dies.
+
+A PROBLEM module in the current directory (``myprob:make``) is found as with ``python -m``: the
+launcher puts the current directory on ``sys.path`` (:func:`add_cwd_to_path`) and hands its
+import path to every worker process. ``seed`` seeds ``random``, NumPy and torch in the launcher
+and ``seed + rank`` in worker ``rank`` (:func:`seed_everything`).
 
 Example:
     >>> cfg = RunConfig(problem="chronos.benchmarks.problems:digits_ridge", workers=2,
@@ -29,6 +35,7 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import random
 import signal
 import sys
 import threading
@@ -44,18 +51,22 @@ from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import InnerProblem
 from chronos.core.tensordict import TensorDict
+from chronos.distributed import defaults
 from chronos.distributed.coordinator import Coordinator
-from chronos.distributed.worker import Worker, WorkerConfig
+from chronos.distributed.worker import Worker, WorkerConfig, unroll_momentum
 
 __all__ = [
     "DEFAULT_PROBLEM",
     "RunConfig",
+    "RunInterrupted",
     "RunResult",
+    "add_cwd_to_path",
     "initial_outer_params",
     "load_factory",
     "make_problem",
     "outer_losses",
     "run_local",
+    "seed_everything",
     "worker_main",
 ]
 
@@ -64,6 +75,28 @@ DEFAULT_PROBLEM = "chronos.benchmarks.problems:digits_weight_decay"
 log = logging.getLogger("chronos.launcher")
 
 Factory = Callable[[int, int], InnerProblem]
+
+
+def add_cwd_to_path() -> str:
+    """Put the current directory first on ``sys.path`` (as ``python -m`` does) so that a PROBLEM
+    module next to the user (``myprob:make``) imports; return it. Idempotent."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return cwd
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed ``random``, NumPy (if installed) and torch with ``seed``; ``None`` does nothing."""
+    if seed is None:
+        return
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover  (numpy comes with torch in practice)
+        return
+    np.random.seed(seed % 2**32)
 
 
 def load_factory(spec: str) -> Factory:
@@ -81,7 +114,10 @@ def load_factory(spec: str) -> Factory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"cannot import {module_name!r} (PROBLEM {spec!r}): {e}") from None
+        raise ConfigError(
+            f"cannot import {module_name!r} (PROBLEM {spec!r}): {e}; searched the current "
+            f"directory {os.getcwd()!r} and sys.path"
+        ) from None
     except Exception as e:  # the module itself failed while importing
         raise ConfigError(
             f"importing {module_name!r} (PROBLEM {spec!r}) failed: {type(e).__name__}: {e}"
@@ -112,12 +148,24 @@ def make_problem(spec: str, rank: int, world_size: int) -> InnerProblem:
 
 
 def default_outer_lr(problem: InnerProblem) -> float:
-    """The problem's ``default_outer_lr`` attribute (a step size suited to its λ), else 0.1."""
-    lr = getattr(problem, "default_outer_lr", 0.1)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"{type(problem).__name__}.default_outer_lr must be a number > 0, "
-                          f"got {lr!r}")
-    return float(lr)
+    """The step size the problem's own outer optimizer gets by default (see
+    :func:`~chronos.distributed.defaults.resolve_outer_optimizer`)."""
+    return defaults.resolve_outer_optimizer(None, None, problem)[1]
+
+
+def coordinator_settings(
+    optimizer: str | None, outer_lr: float | None, min_commits: int | str, problem: InnerProblem
+) -> dict[str, Any]:
+    """``optimizer``, ``outer_lr`` and ``min_commits`` for :class:`Coordinator`, resolved: the
+    user's choice, else the problem's, else :mod:`~chronos.distributed.defaults`."""
+    opt, lr = defaults.resolve_outer_optimizer(optimizer, outer_lr, problem)
+    return {"optimizer": opt, "outer_lr": lr, "min_commits": min_commits}
+
+
+def make_coordinator(outer0: TensorDict, settings: dict[str, Any], **kwargs: Any) -> Coordinator:
+    """``Coordinator(outer0, **settings, **kwargs)`` (``settings`` from
+    :func:`coordinator_settings`)."""
+    return Coordinator(outer0, **settings, **kwargs)
 
 
 def initial_outer_params(problem: InnerProblem, spec: str) -> TensorDict:
@@ -134,15 +182,22 @@ def initial_outer_params(problem: InnerProblem, spec: str) -> TensorDict:
 def worker_main(
     spec: str, rank: int, world_size: int, config: WorkerConfig,
     max_iterations: int | None = None, log_level: int = logging.WARNING,
+    import_path: tuple[str, ...] = (), seed: int | None = None,
 ) -> None:
     """Entry point of a worker process started by :func:`run_local` (``spawn``).
 
     Ctrl-C belongs to the launcher: SIGINT is ignored here (the launcher starts its workers
     with SIGINT ignored already, so not even their imports are interrupted). SIGTERM, a
     ShutdownNotice or the launcher's death stop the worker cleanly (exit code 0); a
-    :class:`ChronosError` is logged as one line and exits with code 1.
+    :class:`ChronosError` is logged as one line and exits with code 1. ``import_path`` goes
+    first on ``sys.path`` (the launcher's current directory: where a user's PROBLEM module
+    lives); ``seed`` (``None``: unseeded) seeds this process with ``seed + rank``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for entry in reversed(import_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    seed_everything(None if seed is None else seed + rank)
     logging.basicConfig(level=log_level, format=f"[worker {rank}] %(levelname)s %(message)s")
     logging.captureWarnings(True)  # e.g. solver ConvergenceWarnings, tagged with the rank
     torch.set_num_threads(config.num_threads or 1)
@@ -195,28 +250,34 @@ class RunConfig:
     """A local job: coordinator settings, worker settings and how many workers.
 
     ``straggler_delay`` is either one number for every worker or a tuple with one per worker
-    (seconds of injected delay per iteration).
+    (seconds of injected delay per iteration). ``optimizer`` / ``outer_lr`` ``None``: the
+    problem's (``default_outer_optimizer`` / ``default_outer_lr``), else
+    :data:`~chronos.distributed.defaults.OUTER_OPTIMIZER` and its step size. ``seed``
+    (``None``: unseeded) seeds the launcher with ``seed`` and worker ``rank`` with
+    ``seed + rank``. Every other default comes from :mod:`~chronos.distributed.defaults`.
     """
 
     problem: str
     workers: int = 2
     mode: Literal["async", "sync"] = "async"
     max_steps: int = 50
-    max_in_flight: int = 3
-    max_staleness: int = 2
-    decay: float = 0.5
-    outer_lr: float | None = None  # None: the problem's default_outer_lr, else 0.1
-    optimizer: str = "sgd"
-    min_commits: int = 1
-    lease_timeout: float = 20.0
-    heartbeat_interval: float = 1.0
+    max_in_flight: int = defaults.MAX_IN_FLIGHT
+    max_staleness: int = defaults.MAX_STALENESS
+    decay: float = defaults.DECAY
+    outer_lr: float | None = None
+    optimizer: str | None = None
+    min_commits: int | str = defaults.MIN_COMMITS
+    lease_timeout: float = defaults.LEASE_TIMEOUT
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
     straggler_delay: float | tuple[float, ...] = 0.0
     inner_steps: int | None = None
     hypergradient: Literal["implicit", "unrolled"] = "implicit"
+    unroll_lr: float | None = None  # None: replay the problem's own (SGD/momentum) solve
     significance_threshold: float = 0.0
     threads_per_worker: int = 1
     timeout: float = 300.0
     port: int = 0
+    seed: int | None = None
     worker_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -235,6 +296,11 @@ class RunConfig:
             )
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ConfigError(f"seed must be an int >= 0 or None, got {self.seed!r}")
+        mc = self.min_commits
+        if mc != "auto" and (not _is_int(mc) or int(mc) < 1):
+            raise ConfigError(f"min_commits must be an int >= 1 or 'auto', got {mc!r}")
         self.straggler_delays()  # validates
 
     def straggler_delays(self) -> tuple[float, ...]:
@@ -263,6 +329,7 @@ class RunResult:
     history: list[dict[str, Any]]
     worker_exitcodes: tuple[int | None, ...]
     completed: bool
+    interrupted: bool = False
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary (λ as lists)."""
@@ -270,10 +337,20 @@ class RunResult:
             "version": self.version,
             "wall_time_s": self.wall_time,
             "completed": self.completed,
+            "interrupted": self.interrupted,
             "outer_params": {k: v.tolist() for k, v in self.outer_params.items()},
             "stats": self.stats,
             "worker_exitcodes": list(self.worker_exitcodes),
         }
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run_local`; ``result`` is what the job had done (every process
+    already stopped). A ``KeyboardInterrupt``, so code that does not care sees the usual one."""
+
+    def __init__(self, result: RunResult) -> None:
+        super().__init__("interrupted")
+        self.result = result
 
 
 def run_local(
@@ -289,28 +366,32 @@ def run_local(
     ``commits_per_s`` (accepted) and ``workers_running``.
 
     Returns when the coordinator reached ``max_steps`` (``completed``), every worker process
-    exited, or ``timeout`` passed. A ``KeyboardInterrupt`` propagates, but only after every
-    worker process was stopped. Every process started here is stopped (ShutdownNotice, then
-    SIGTERM, then SIGKILL) before this returns or raises.
+    exited, or ``timeout`` passed. Ctrl-C raises :class:`RunInterrupted` (with the partial
+    result), but only after every worker process was stopped; a Ctrl-C before the coordinator
+    started raises a plain ``KeyboardInterrupt``. Every process started here is stopped
+    (ShutdownNotice, then SIGTERM, then SIGKILL) before this returns or raises.
     """
+    import_path = (add_cwd_to_path(),)
+    seed_everything(cfg.seed)
     problem = make_problem(cfg.problem, 0, cfg.workers)
     outer0 = initial_outer_params(problem, cfg.problem)
-    outer_lr = default_outer_lr(problem) if cfg.outer_lr is None else cfg.outer_lr
-    del problem
-    coordinator = Coordinator(
-        outer0, port=cfg.port, mode=cfg.mode, num_workers=cfg.workers,
-        max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
-        outer_lr=outer_lr, optimizer=cfg.optimizer, min_commits=cfg.min_commits,
-        max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
-        heartbeat_interval=cfg.heartbeat_interval,
-    )
+    settings = coordinator_settings(cfg.optimizer, cfg.outer_lr, cfg.min_commits, problem)
     base = WorkerConfig(**{
         "inner_steps": cfg.inner_steps, "hypergradient": cfg.hypergradient,
+        "unroll_lr": cfg.unroll_lr,
         "significance_threshold": cfg.significance_threshold,
         "num_threads": cfg.threads_per_worker,
         "connect_timeout": max(30.0, cfg.lease_timeout),
         **cfg.worker_options,
     })
+    unroll_momentum(problem, base)  # an unrolled hypergradient it cannot replay fails here
+    del problem
+    coordinator = make_coordinator(
+        outer0, settings, port=cfg.port, mode=cfg.mode, num_workers=cfg.workers,
+        max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
+        max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
+        heartbeat_interval=cfg.heartbeat_interval,
+    )
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     t0 = time.perf_counter()
@@ -318,12 +399,15 @@ def run_local(
     interrupted = False
     try:
         coordinator.start()
-        with _sigint_ignored():  # children inherit SIG_IGN: Ctrl-C is the launcher's to handle
-            for rank, delay in enumerate(cfg.straggler_delays()):
-                wcfg = replace(base, coordinator_addr=coordinator.address,
-                               worker_id=f"worker-{rank}", straggler_delay=delay)
-                p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
-                                name=f"chronos-worker-{rank}", daemon=True)
+        for rank, delay in enumerate(cfg.straggler_delays()):
+            wcfg = replace(base, coordinator_addr=coordinator.address,
+                           worker_id=f"worker-{rank}", straggler_delay=delay)
+            p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
+                            kwargs={"import_path": import_path, "seed": cfg.seed},
+                            name=f"chronos-worker-{rank}", daemon=True)
+            # the child inherits SIG_IGN: Ctrl-C is the launcher's to handle (ignored only
+            # for the few ms of the start itself, so a Ctrl-C between starts is seen)
+            with _sigint_ignored():
                 p.start()
                 procs.append(p)
         deadline = t0 + cfg.timeout
@@ -352,13 +436,12 @@ def run_local(
             progress(_progress_stats(coordinator, time.perf_counter() - t0, procs))
     except KeyboardInterrupt:
         interrupted = True
-        raise
     finally:
         wall = time.perf_counter() - t0
         with _sigint_ignored():  # a second Ctrl-C must not leave orphans behind
             coordinator.stop()  # tells every registered worker to shut down
             codes = _join_all(procs, grace=2.0 if interrupted else 3.0)
-    return RunResult(
+    result = RunResult(
         outer_params=coordinator.outer_params,
         version=coordinator.version,
         wall_time=wall,
@@ -366,7 +449,11 @@ def run_local(
         history=coordinator.history,
         worker_exitcodes=codes,
         completed=completed,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise RunInterrupted(result)
+    return result
 
 
 @contextmanager

@@ -9,7 +9,8 @@ scalar, string, list or string-keyed dict of scalars.
 Worker → coordinator: :class:`Register`, :class:`Checkout`, :class:`Commit`,
 :class:`Heartbeat`, :class:`Deregister`.
 Coordinator → worker: :class:`Registered`, :class:`CheckoutReply`, :class:`CommitReply`,
-:class:`HeartbeatAck`, :class:`ErrorReply`, :class:`ShutdownNotice`.
+:class:`HeartbeatAck`, :class:`ErrorReply`, :class:`ShutdownNotice`, :class:`LeaseCancelled`
+(unsolicited, like a deferred grant: a late answer to the checkout that granted the lease).
 
 Example:
     >>> import torch
@@ -40,6 +41,7 @@ __all__ = [
     "ErrorReply",
     "Heartbeat",
     "HeartbeatAck",
+    "LeaseCancelled",
     "Message",
     "Register",
     "Registered",
@@ -179,6 +181,19 @@ class HeartbeatAck(Message):
 
 
 @dataclass(frozen=True)
+class LeaseCancelled(Message):
+    """The lease granted by checkout ``request_id`` on ``version`` can no longer be accepted:
+    the coordinator is at ``current_version > version + max_staleness``, so a commit of that
+    work would be rejected. The coordinator has dropped the lease (it no longer holds the
+    version window); the worker should abandon the work and check out again."""
+
+    op: ClassVar[str] = "lease_cancelled"
+    version: int
+    current_version: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class ErrorReply(Message):
     """A request was refused; no state changed. ``request_id`` is -1 when unparseable."""
 
@@ -209,6 +224,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         HeartbeatAck,
         ErrorReply,
         ShutdownNotice,
+        LeaseCancelled,
     )
 }
 """op name → message class; the decoder accepts nothing else."""

@@ -16,13 +16,33 @@ Rules (DESIGN.md, "Semantics that must hold"):
   ``g = (1/n) Σ_i w_i g_i`` over the ``n`` commits accepted since the last step (divided by
   ``n``, not ``Σ w_i``, so the weight is really applied: under SGD a lone commit of staleness
   ``s`` moves λ exactly ``decay ** s`` times as far as a fresh one). Async mode steps once
-  ``min_commits`` commits are in; sync mode steps at its barrier.
+  ``m`` commits are in; sync mode steps at its barrier.
+* **min_commits** (async). ``m = min_commits`` for an int; for ``"auto"`` (the default)
+  ``m = max(1, ceil(live / 2))`` with ``live`` the registered, alive workers
+  (:func:`~chronos.distributed.aggregation.effective_min_commits`). ``N`` equally fast workers
+  then produce about 2 versions per hypergradient time (staleness ~1–2) instead of ``N − 1``.
+  ``m`` is re-evaluated after every event: when workers leave, commits already buffered step
+  as soon as they reach the smaller ``m``.
 * **Window** (async). A checkout is deferred while ``V − oldest live lease >= max_in_flight``
   (:class:`~chronos.core.versioning.BoundedVersionQueue`); the deferred request is answered
   later, with the *same request id*, by a ``granted`` / ``not_modified`` reply as soon as the
   window allows (checked after every commit, deregistration and expiry). A worker has at most
   one outstanding checkout: a new Checkout supersedes its deferred one, whose id is then never
   answered.
+* **Window vs staleness.** Take a live lease on ``v`` and a fixed set of ``N`` workers. Once
+  the version reaches ``v + max_in_flight`` no further lease is granted, the aggregate has
+  just been emptied by that step, and the at most ``N − 2`` other leases then outstanding add
+  at most ``⌊(N − 2) / m⌋`` steps. So ``max_staleness >= max_in_flight + ⌊(N − 2) / m⌋``
+  means no commit of a live lease is ever rejected: ``max_in_flight`` for two workers,
+  ``max_in_flight + 1`` for any ``N`` with ``min_commits="auto"`` (the defaults 3 / 4),
+  ``max_in_flight + N − 2`` with ``min_commits=1``.
+* **Lease cancellation** (async). After every outer step, each lease whose version ``v`` has
+  fallen out of reach (``V − v > max_staleness``: its commit would be rejected) is dropped and
+  its worker is sent :class:`~chronos.distributed.messages.LeaseCancelled` carrying the
+  request id of the checkout that granted it (a late answer to that checkout, like a deferred
+  grant). The worker abandons the work and checks out again instead of finishing it; a commit
+  that still arrives is judged on staleness alone (rejected). A cancelled lease no longer
+  holds the window.
 * **Sync mode** (the baseline). Everyone computes on the current version ``V``. The queue
   runs with ``max_staleness=0`` (a commit on an older version is rejected) and no window;
   instead a barrier: a worker that already committed ``V`` and checks out again is deferred;
@@ -39,8 +59,11 @@ Rules (DESIGN.md, "Semantics that must hold"):
   an :class:`ErrorReply` renews it, together with its lease). An expired worker is forgotten
   (lease and deferred checkout dropped; its later messages get ``unknown_worker``: it must
   Register again, which is then allowed). Registering an id that is alive →
-  ``duplicate_worker``. ``handle(…, now)`` first does what ``tick(now)`` would do, so results
-  never depend on how often the loop ticks; ``now`` is clamped to never run backwards.
+  ``duplicate_worker``, except a re-sent copy of the very Register that registered it (same
+  request id and ``info``, which workers make unique with a nonce), which is answered
+  ``Registered`` again. ``handle(…, now)`` first does what
+  ``tick(now)`` would do, so results never depend on how often the loop ticks; ``now`` is
+  clamped to never run backwards.
 * **Replies.** A ``granted`` checkout carries λ of its version as MetaState holds it: tensors
   never modified in place afterwards (every step installs new tensors: plain SGD computes them
   in the memory of the step's own gradient, other optimizers step separate leaves that are
@@ -62,7 +85,7 @@ Example:
     >>> import torch
     >>> from chronos.distributed.messages import Checkout, Commit, Register
     >>> st = CoordinatorState({"lam": torch.tensor([1.0], dtype=torch.float64)},
-    ...                       CoordinatorConfig(outer_lr=0.1, max_in_flight=1))
+    ...                       CoordinatorConfig(optimizer="sgd", outer_lr=0.1, max_in_flight=1))
     >>> for w in ("a", "b"):
     ...     _ = st.handle(w, Register(request_id=0, worker_id=w), now=0.0)
     ...     print(st.handle(w, Checkout(request_id=1, worker_id=w), now=0.0)[0].message.status)
@@ -110,6 +133,7 @@ from chronos.distributed.aggregation import (
     aggregate_state,
     build_outer_optimizer,
     check_hypergradient,
+    effective_min_commits,
     empty_aggregate,
     is_int,
     sync_barrier_ready,
@@ -125,6 +149,7 @@ from chronos.distributed.messages import (
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
+    LeaseCancelled,
     Message,
     Register,
     Registered,
@@ -155,7 +180,8 @@ class _Pending:
 _COUNTERS = (
     "steps registrations deregistrations workers_expired leases_expired heartbeats checkouts "
     "checkouts_granted checkouts_not_modified checkouts_deferred deferred_granted "
-    "checkouts_superseded commits_accepted commits_rejected commits_duplicate errors"
+    "checkouts_superseded commits_accepted commits_rejected commits_duplicate leases_cancelled "
+    "errors"
 ).split()
 
 
@@ -178,7 +204,8 @@ class CoordinatorState:
                 f"config must be a CoordinatorConfig, got {type(config).__name__}"
             )
         self.config = config
-        self._plain_sgd = config.optimizer == "sgd"
+        self._optimizer_spec, self._lr = config.outer_optimizer()
+        self._plain_sgd = self._optimizer_spec == "sgd"
         self._meta = MetaState(outer_params)
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._errors_by_code: dict[str, int] = {}
@@ -201,7 +228,7 @@ class CoordinatorState:
             k: v.detach().clone().requires_grad_(True) for k, v in self._meta.outer_params.items()
         }
         self._optimizer = build_outer_optimizer(
-            self.config.optimizer, list(self._leaves.values()), self.config.outer_lr
+            self._optimizer_spec, list(self._leaves.values()), self._lr
         )
         sync = self.config.mode == "sync"
         self._queue = BoundedVersionQueue(
@@ -216,6 +243,9 @@ class CoordinatorState:
         # handle() and tick() skip the sweep until then (see _sweep)
         self._next_expiry = math.inf
         self._pending: dict[str, _Pending] = {}
+        self._lease_rids: dict[str, int] = {}  # worker id -> request id of its granting checkout
+        # worker id -> (request id, info) of the Register that registered it
+        self._registered_by: dict[str, tuple[int, dict[str, Any]]] = {}
         self._agg = empty_aggregate()
         self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
         self._started = False  # sync: num_workers were alive together at some point
@@ -265,8 +295,9 @@ class CoordinatorState:
         ``checkouts_not_modified``), ``checkouts_deferred``, ``deferred_granted`` (deferred ones
         answered later), ``checkouts_superseded``, ``deferred_pending``; ``errors`` and
         ``errors_by_code``; ``registrations``, ``deregistrations``, ``workers_expired``,
-        ``leases_expired``, ``heartbeats``, ``workers_alive``, ``leases``,
-        ``buffered_commits`` (accepted, waiting for the next step)."""
+        ``leases_expired``, ``leases_cancelled`` (too stale to be accepted; worker told),
+        ``heartbeats``, ``workers_alive``, ``leases``, ``buffered_commits`` (accepted, waiting
+        for the next step) and ``min_commits`` (commits the next async step needs now)."""
         return {
             "mode": self.config.mode,
             "version": self.version,
@@ -278,6 +309,7 @@ class CoordinatorState:
             "deferred_pending": len(self._pending),
             "buffered_commits": self._agg.count,
             "leases": len(self._queue.leases),
+            "min_commits": self._min_commits(),
         }
 
     # -- events -----------------------------------------------------------------------------
@@ -358,6 +390,11 @@ class CoordinatorState:
         wid = msg.worker_id
         if self._done:
             return self._error(wid, rid, "shutting_down", self._done_reason())
+        if wid in self._workers and self._registered_by.get(wid) == (rid, msg.info):
+            # a re-sent copy of the Register that registered this worker (its reply was slow
+            # or lost): answer it again instead of calling the worker its own duplicate
+            self._touch(wid, now)
+            return [Outgoing(wid, self._registered(wid, rid))]
         if wid in self._workers:
             why = (
                 f"worker id {wid!r} is already registered and alive; pick another id, or "
@@ -365,17 +402,20 @@ class CoordinatorState:
             )
             return self._error(wid, rid, "duplicate_worker", why)
         self._workers[wid] = now
+        self._registered_by[wid] = (rid, dict(msg.info))
         self._next_expiry = min(self._next_expiry, now + self.config.lease_timeout)
         self._counters["registrations"] += 1
         if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
             self._started = True
-        reply = Registered(
+        return [Outgoing(wid, self._registered(wid, rid))]
+
+    def _registered(self, wid: str, rid: int) -> Registered:
+        return Registered(
             request_id=rid,
             worker_id=wid,
             version=self.version,
             config=dict(self.config.worker_config()),
         )
-        return [Outgoing(wid, reply)]
 
     def _on_checkout(self, msg: Checkout, rid: int, now: float) -> list[Outgoing]:
         wid, have = msg.worker_id, msg.have_version
@@ -443,7 +483,7 @@ class CoordinatorState:
             self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
             if self.config.mode == "sync":
                 self._committed[wid] = None
-            elif self._agg.count >= self.config.min_commits:
+            elif self._agg.count >= self._min_commits():
                 after = self._step()
         after.extend(self._after_change(now))
         status: CommitStatus = "accepted" if decision.accepted else "rejected"
@@ -470,6 +510,10 @@ class CoordinatorState:
         )
         return Outgoing(wid, reply)
 
+    def _min_commits(self) -> int:
+        """Commits the next async step needs (``min_commits``, resolved for ``"auto"``)."""
+        return effective_min_commits(self.config.min_commits, len(self._workers))
+
     def _touch(self, wid: str, now: float) -> None:
         """The worker is alive at ``now``: renew its liveness and its lease."""
         self._workers[wid] = now
@@ -484,6 +528,8 @@ class CoordinatorState:
         """Drop a worker with its lease and deferred checkout."""
         self._workers.pop(wid, None)
         self._pending.pop(wid, None)
+        self._lease_rids.pop(wid, None)
+        self._registered_by.pop(wid, None)
         self._drop_from_queue(wid)
 
     def _drop_from_queue(self, wid: str) -> None:
@@ -503,6 +549,7 @@ class CoordinatorState:
 
     def _grant(self, wid: str, rid: int, have: int) -> Outgoing:
         self._counters["checkouts_granted"] += 1
+        self._lease_rids[wid] = rid
         if have == self.version:
             self._counters["checkouts_not_modified"] += 1
             reply = CheckoutReply(request_id=rid, status="not_modified", version=self.version)
@@ -545,6 +592,10 @@ class CoordinatorState:
             return []
         out: list[Outgoing] = []
         if self.config.mode == "async":
+            if self._agg.count and self._agg.count >= self._min_commits():
+                out.extend(self._step())  # workers left: "auto" now needs fewer commits
+                if self._done:
+                    return out
             for wid, _version in self._queue.grant_deferred(now):
                 pending = self._pending.pop(wid, None)
                 if pending is None:  # nobody to tell: do not let a phantom lease hold the window
@@ -578,7 +629,7 @@ class CoordinatorState:
             # being sent zero-copy) are never written to. No optimizer call (~15 µs of hooks a
             # step), no optimizer state: the leaves and the optimizer object are not used on
             # this path (they back state_dict()).
-            lr = self.config.outer_lr
+            lr = self._lr
             new = {}
             for k, lam in self._meta.outer_params.items():
                 g = grad[k].to(device=lam.device, dtype=lam.dtype)
@@ -597,7 +648,28 @@ class CoordinatorState:
         max_steps = self.config.max_steps
         if max_steps is not None and self._counters["steps"] >= max_steps:
             return self._finish()
-        return []
+        return self._cancel_unreachable_leases() if self.config.mode == "async" else []
+
+    def _cancel_unreachable_leases(self) -> list[Outgoing]:
+        """Drop every lease whose commit could no longer be accepted and tell its worker."""
+        version, limit = self.version, self.config.max_staleness
+        out = []
+        for wid, lease in self._queue.leases.items():
+            if version - lease.version <= limit:
+                continue
+            self._queue.release(wid)
+            rid = self._lease_rids.pop(wid, -1)
+            self._counters["leases_cancelled"] += 1
+            reason = (
+                f"lease on version {lease.version} cancelled: the coordinator is at version "
+                f"{version} (staleness {version - lease.version} > max_staleness {limit}), so "
+                "its commit would be rejected; abandon the work and check out again"
+            )
+            msg = LeaseCancelled(
+                request_id=rid, version=lease.version, current_version=version, reason=reason
+            )
+            out.append(Outgoing(wid, msg))
+        return out
 
     def _done_reason(self) -> str:
         return f"job done: {self.config.max_steps} outer steps taken (version {self.version})"

@@ -35,6 +35,10 @@ Failure handling:
 * **Duplicate worker id**: if the id is taken before this worker ever registered, the worker
   refuses to start (two live workers cannot share an id); if it is our own earlier registration
   (a lost reply), the worker takes it over.
+* **Lease cancelled** (:class:`~.messages.LeaseCancelled`, a late answer to the checkout that
+  granted the lease): the version moved more than ``max_staleness`` past the checked-out one,
+  so a commit would be rejected. The worker abandons the work at its next inner step (or
+  before the hypergradient) and checks out again; counted in ``leases_cancelled``.
 * :class:`~.messages.ShutdownNotice` (the job is done or the coordinator stops) or
   :meth:`Worker.stop` end :meth:`Worker.run` promptly: a pending request is abandoned and the
   inner solve is interrupted at its next step.
@@ -47,6 +51,7 @@ Example (see ``examples/`` and ``chronos run`` for complete jobs):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -74,6 +79,7 @@ from chronos.distributed.messages import (
     CommitReply,
     Deregister,
     ErrorReply,
+    LeaseCancelled,
     Message,
     Register,
     Registered,
@@ -83,7 +89,7 @@ from chronos.distributed.worker_config import WorkerConfig, default_tol, is_int
 from chronos.distributed.worker_link import WorkerLink
 from chronos.solver import implicit_hypergradient, unrolled_hypergradient
 
-__all__ = ["Worker", "WorkerConfig", "WorkerStopped"]
+__all__ = ["Worker", "WorkerConfig", "WorkerStopped", "unroll_momentum"]
 
 log = logging.getLogger("chronos.worker")
 
@@ -93,6 +99,10 @@ _REFUSED_COMMIT_CODES = ("bad_version", "non_finite")  # drop the commit, keep w
 
 class WorkerStopped(ChronosError):
     """Raised inside the worker loop when it is told to stop (caught by :meth:`Worker.run`)."""
+
+
+class _LeaseLost(ChronosError):
+    """The coordinator cancelled the lease this iteration works on (caught by :meth:`step`)."""
 
 
 def _default_worker_id() -> str:
@@ -108,6 +118,27 @@ class _Outcome:
 
 _LOST = _Outcome("the coordinator no longer knows this worker")
 _SILENT = _Outcome("the coordinator stopped answering")
+
+
+def unroll_momentum(problem: InnerProblem, cfg: WorkerConfig) -> float:
+    """The momentum of the inner solve that the unrolled hypergradient replays (0 for SGD,
+    0.9 for ``"momentum"``; 0 when ``cfg`` does not replay), or raise :class:`ConfigError`
+    when the problem's solve cannot be replayed as gradient descent (L-BFGS, Adam, a custom
+    optimizer) and no ``unroll_lr`` was given. The launcher calls it before starting any
+    process, so a bad combination fails at once."""
+    if cfg.hypergradient != "unrolled" or cfg.unroll_lr is not None:
+        return 0.0
+    if problem.optimizer == "sgd":
+        return 0.0
+    if problem.optimizer == "momentum":
+        return 0.9  # chronos.core.make_optimizer's "momentum"
+    name = problem.optimizer if isinstance(problem.optimizer, str) else "a custom factory"
+    raise ConfigError(
+        f"hypergradient='unrolled' replays the inner solve as gradient descent, but this "
+        f"problem solves with optimizer {name!r}; set WorkerConfig(unroll_lr=...) (plain "
+        "gradient-descent steps unrolled from the solution; --unroll-lr on the CLI) or "
+        "use hypergradient='implicit'"
+    )
 
 
 class Worker:
@@ -149,6 +180,7 @@ class Worker:
         self._sent_sum: TensorDict | None = None
         self._commit_seq = itertools.count(1)
         self._solve_callback = self._accepts_callback(inner_problem)
+        self._unroll_momentum = unroll_momentum(inner_problem, self.config)
         self._stats: dict[str, float] = {
             "iterations": 0, "registrations": 0, "reconnects": 0, "resends": 0,
             "commits_sent": 0, "commits_accepted": 0, "commits_rejected": 0,
@@ -160,6 +192,11 @@ class Worker:
         self.stop_reason = ""
         self.last_metrics: dict[str, float] = {}
         self.commit_log: deque[CommitReply] = deque(maxlen=10_000)  # latest commit replies
+        # replies routed to the request id of the checkout that granted the current lease,
+        # where a LeaseCancelled arrives (see _watch_lease)
+        self._lease_watch: contextlib.ExitStack | None = None
+        self._lease_replies: queue.Queue[Message] | None = None
+        self._stats["leases_cancelled"] = 0
 
     @staticmethod
     def _accepts_callback(problem: InnerProblem) -> bool:
@@ -262,7 +299,18 @@ class Worker:
     def step(self) -> CommitReply | None:
         """One checkout → solve → hypergradient → commit. Returns the coordinator's reply, or
         ``None`` if nothing was committed (held back by the significance filter, a non-finite
-        hypergradient, or a commit the coordinator refused)."""
+        hypergradient, a commit the coordinator refused, or a lease the coordinator cancelled
+        because the work could no longer be accepted: abandoned, nothing committed)."""
+        try:
+            return self._iteration()
+        except _LeaseLost as e:
+            self._stats["leases_cancelled"] += 1
+            log.info("%s: %s", self.worker_id, e)
+            return None
+        finally:
+            self._unwatch_lease()
+
+    def _iteration(self) -> CommitReply | None:
         version, outer = self._checkout()
         cfg = self.config
         t0 = time.perf_counter()
@@ -275,8 +323,9 @@ class Worker:
         if cfg.straggler_delay > 0:
             self._stop.wait(cfg.straggler_delay)  # injected slowness, interruptible
             self._check()
+        self._check_lease()  # before the linear solve: is this work still wanted?
         t1 = time.perf_counter()
-        grad, metrics = self._hypergradient(theta, outer)
+        grad, metrics = self._hypergradient(theta, outer, init, traj.num_steps)
         t2 = time.perf_counter()
         self._theta = theta
         self._stats["iterations"] += 1
@@ -307,9 +356,44 @@ class Worker:
     def _interrupt_solve(self, step: int, loss: float) -> None:
         if self._stop.is_set():
             raise WorkerStopped(self._stop_why())
+        self._check_lease()
 
-    def _hypergradient(self, theta: TensorDict, outer: TensorDict) -> tuple[TensorDict,
-                                                                             dict[str, float]]:
+    # -- lease cancellation ------------------------------------------------------------------
+
+    def _watch_lease(self, net: WorkerLink, request_id: int) -> None:
+        """Keep receiving replies to the checkout ``request_id`` that granted our lease: a
+        :class:`LeaseCancelled` arrives there (the link routes replies by request id)."""
+        self._unwatch_lease()
+        stack = contextlib.ExitStack()
+        self._lease_replies = stack.enter_context(net.waiting(request_id))
+        self._lease_watch = stack
+
+    def _unwatch_lease(self) -> None:
+        if self._lease_watch is not None:
+            self._lease_watch.close()
+        self._lease_watch = self._lease_replies = None
+
+    def _check_lease(self) -> None:
+        """Raise :class:`_LeaseLost` if the coordinator cancelled our lease (cheap: a
+        non-blocking look at a queue; called between inner steps and before the linear solve).
+        """
+        replies = self._lease_replies
+        while replies is not None:
+            try:
+                msg = replies.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, LeaseCancelled):
+                self._unwatch_lease()
+                raise _LeaseLost(msg.reason or f"lease on version {msg.version} cancelled")
+            # anything else (an answer to a re-sent checkout, a shutdown: the stop event is set)
+
+    def _hypergradient(
+        self, theta: TensorDict, outer: TensorDict, start: TensorDict | None, steps_taken: int
+    ) -> tuple[TensorDict, dict[str, float]]:
+        """``dF/dλ`` at ``theta``: implicit, or unrolled through the solve that produced
+        ``theta`` (from ``start``, ``None`` meaning ``init_params()``, for ``steps_taken``
+        steps) — see :class:`WorkerConfig`'s ``unroll_*`` options."""
         cfg, prob = self.config, self.problem
 
         def inner(p: TensorDict, h: TensorDict) -> torch.Tensor:
@@ -327,10 +411,18 @@ class Worker:
             self._solution = info.solution
             self._stats["linear_iterations"] += info.iterations
             return grad, {"outer_loss": info.outer_loss, "linear_iterations": info.iterations}
-        start = self.problem.init_params()
+        lr: float | str
+        if cfg.unroll_lr is None:  # replay the solve: same start, steps, step size, momentum
+            init = prob.init_params() if start is None else start
+            steps, lr, momentum = steps_taken, prob.inner_lr, self._unroll_momentum
+        else:  # gradient descent unrolled from the solution
+            init, lr, momentum = theta, cfg.unroll_lr, 0.0
+            steps = 20 if cfg.unroll_steps is None else cfg.unroll_steps
+        if steps < 1:  # the solve stopped at its start (already optimal): nothing to replay
+            init, steps = theta, 1
         grad, uinfo = unrolled_hypergradient(
-            inner, outer_fn, start, outer, steps=cfg.unroll_steps, lr=cfg.unroll_lr,
-            truncate=cfg.truncate, return_info=True,
+            inner, outer_fn, init, outer, steps=steps, lr=lr, truncate=cfg.truncate,
+            momentum=momentum, return_info=True,
         )
         return grad, {"outer_loss": float(getattr(uinfo, "outer_loss", math.nan))}
 
@@ -438,7 +530,10 @@ class Worker:
         net.beating = False
         deadline = time.monotonic() + cfg.connect_timeout
         wait = min(0.2, cfg.request_timeout)
-        info: dict[str, Any] = {"pid": os.getpid(), "host": os.uname().nodename}
+        # the nonce tells this Worker's Registers apart from another's with the same id and
+        # request id (the coordinator answers a re-sent copy of its own Register again)
+        info: dict[str, Any] = {"pid": os.getpid(), "host": os.uname().nodename,
+                                "nonce": self._nonce}
         takeovers = 0
         while True:
             msg = Register(request_id=net.next_id(), worker_id=self.worker_id, info=info)
@@ -519,6 +614,8 @@ class Worker:
                 self._outer = {k: v.detach().clone() for k, v in reply.outer_params.items()}
             self._version = reply.version
             assert self._outer is not None
+            if self._net is not None:
+                self._watch_lease(self._net, reply.request_id)
             return reply.version, self._outer
         raise ChronosError("the coordinator answered 'not_modified' to a checkout without a "
                            "cached version; this is a coordinator bug")

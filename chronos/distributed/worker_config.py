@@ -59,7 +59,13 @@ class WorkerConfig:
             :data:`chronos.solver.METHODS`; ``tol``: relative residual, default by the inner
             parameters' dtype: 1e-10 in float64, 1e-5 in float32 or lower, where the residual
             cannot get much below ~1e-6 and a tighter ``tol`` only burns ``max_iter``).
-        unroll_steps, unroll_lr, truncate: the unrolled hypergradient.
+        unroll_steps, unroll_lr, truncate: the unrolled hypergradient. By default
+            (``None``) it differentiates exactly the inner solve the worker ran — the same
+            start, the same number of steps, the problem's own ``inner_lr`` (and momentum 0.9
+            for ``optimizer="momentum"``) — which needs a problem solved by ``"sgd"`` or
+            ``"momentum"``. For other inner optimizers (L-BFGS, Adam) give ``unroll_lr``:
+            then ``unroll_steps`` (default 20) steps of plain gradient descent are unrolled
+            from the solution (truncated back-propagation at the optimum).
         warm_start: start each inner solve from the previous θ and each linear solve from the
             previous solution.
         significance_threshold: hold back hypergradients with ‖g‖/‖λ‖ at or below this in an
@@ -82,8 +88,8 @@ class WorkerConfig:
     max_iter: int = 100
     tol: float | None = None
     damping: float = 0.0
-    unroll_steps: int = 20
-    unroll_lr: float | str = 0.1
+    unroll_steps: int | None = None
+    unroll_lr: float | str | None = None
     truncate: int | None = None
     warm_start: bool = True
     significance_threshold: float = 0.0
@@ -119,7 +125,7 @@ class WorkerConfig:
             raise ConfigError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         self._check_int("inner_steps", self.inner_steps, minimum=1, allow_none=True)
         self._check_int("max_iter", self.max_iter, minimum=1)
-        self._check_int("unroll_steps", self.unroll_steps, minimum=1)
+        self._check_int("unroll_steps", self.unroll_steps, minimum=1, allow_none=True)
         self._check_int("truncate", self.truncate, minimum=1, allow_none=True)
         self._check_int("num_threads", self.num_threads, minimum=1, allow_none=True)
         if self.tol is not None:
@@ -132,11 +138,17 @@ class WorkerConfig:
         if self.heartbeat_interval is not None:
             self._check_number("heartbeat_interval", self.heartbeat_interval, minimum=0.0,
                                strict=True, unit=" seconds (or None: the coordinator's)")
-        lr = self.unroll_lr
-        if not (isinstance(lr, str) and lr) and not (is_number(lr) and lr > 0):
+        if self.unroll_steps is not None and self.unroll_lr is None:
             raise ConfigError(
-                f"unroll_lr must be a positive number or the name of a scalar outer parameter, "
-                f"got {lr!r}"
+                "unroll_steps applies to gradient descent unrolled from the solution and needs "
+                "unroll_lr too; without unroll_lr the worker replays its whole inner solve "
+                "(bound its memory with truncate=K)"
+            )
+        lr = self.unroll_lr
+        if lr is not None and not (isinstance(lr, str) and lr) and not (is_number(lr) and lr > 0):
+            raise ConfigError(
+                f"unroll_lr must be a positive number, the name of a scalar outer parameter, or "
+                f"None (the problem's own inner_lr), got {lr!r}"
             )
         if not isinstance(self.warm_start, bool):
             raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}")

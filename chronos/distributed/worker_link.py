@@ -11,6 +11,17 @@ also sets the worker's stop event) and ``error`` (the thread crashed).
 :meth:`WorkerLink.reset_connection` replaces the socket (ordered with the sends), dropping
 whatever was queued for a dead peer. On the way out it sends a Deregister unless the
 coordinator is shutting down.
+
+Connecting. :meth:`WorkerLink.start` resolves the coordinator's host name first
+(``socket.getaddrinfo``): a name that does not resolve is a :class:`ConfigError` at once, not a
+minute of silence. A Register is written to a socket once: ZeroMQ queues it until the
+connection is up and delivers it in order, so a copy re-sent on the same socket while the
+coordinator is merely slow (or not up yet) would only reach it as a second Register of a live
+id (``duplicate_worker``). The link therefore holds back a re-sent Register (same request id,
+same socket); only after :data:`REGISTER_RESEND_S` seconds without a word from the coordinator
+does it reopen the socket, which discards the copy still queued there, and send one copy on the
+new socket (in case the coordinator restarted and lost the first). It logs, at INFO, how long
+it has been waiting.
 """
 
 from __future__ import annotations
@@ -20,17 +31,19 @@ import itertools
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
 
-from chronos.core.errors import ChronosError
+from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed.messages import (
     Deregister,
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
     Message,
+    Register,
     Registered,
     ShutdownNotice,
 )
@@ -38,14 +51,37 @@ from chronos.distributed.protocol import DecodeError
 from chronos.distributed.transport import ClientTransport, CurveClientConfig
 from chronos.distributed.worker_config import is_number
 
-__all__ = ["WorkerLink"]
+__all__ = ["REGISTER_RESEND_S", "WorkerLink", "resolve_address"]
 
 log = logging.getLogger("chronos.worker")
 
 _NET_POLL_MS = 5  # the thread's receive timeout: bounds the latency of a queued send
 _LEAVE_LINGER_S = 0.1  # after a Deregister, keep the socket open this long so it is sent
+REGISTER_RESEND_S = 5.0
+"""Seconds of silence after which a re-sent Register goes out again, on a fresh socket."""
+_WAIT_LOG_FIRST_S = 2.0  # first "still waiting for the coordinator" line after this long
+_WAIT_LOG_EVERY_S = 5.0  # then one every this many seconds
 _TRANSPORT_COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received",
                        "messages_dropped")
+
+
+def resolve_address(address: str) -> None:
+    """Check that the host of ``tcp://HOST:PORT`` resolves; :class:`ConfigError` (saying so)
+    if it does not. ``*`` and IP literals pass without a lookup."""
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        return  # the transport reports a malformed address
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    if not host or host == "*":
+        return
+    try:
+        socket.getaddrinfo(host, port or None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(
+            f"cannot resolve the coordinator host {host!r} in {address!r}: {reason}; check "
+            "the name (or use an IP address)"
+        ) from None
 
 
 class WorkerLink:
@@ -88,8 +124,15 @@ class WorkerLink:
         self.counters: dict[str, int] = {
             "bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0,
             "messages_dropped": 0, "heartbeats": 0, "decode_errors": 0, "stray_replies": 0,
-            "sockets_opened": 0,
+            "sockets_opened": 0, "registers_held": 0,
         }
+        # the Register on the current socket (request id, when written), the request id of the
+        # registration attempt, when it began (monotonic s) and when we last logged that we wait
+        self._register_rid = 0
+        self._register_attempt = 0
+        self._register_sent = -math.inf
+        self._register_began = -math.inf
+        self._register_logged = -math.inf
         self._closed_totals = {k: 0 for k in _TRANSPORT_COUNTERS}
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
@@ -105,6 +148,9 @@ class WorkerLink:
             return next(self._ids)
 
     def start(self, timeout: float = 10.0) -> None:
+        """Resolve the coordinator's host (a :class:`ConfigError` if it does not resolve),
+        open the socket in the network thread and wait until it is ready."""
+        resolve_address(self.address)
         self.thread.start()
         if not self.ready.wait(timeout):
             self.stop()
@@ -186,13 +232,49 @@ class WorkerLink:
             except queue.Empty:
                 return transport
             if msg is None:
-                self._sync_counters(transport)
-                for k in _TRANSPORT_COUNTERS:
-                    self._closed_totals[k] = self.counters[k]
-                transport.close()
-                transport = self._open()
+                transport = self._reopen(transport)
+            elif isinstance(msg, Register):
+                action = self._register_action(msg)
+                if action == "reopen":
+                    transport = self._reopen(transport)
+                    self._register_rid, self._register_sent = msg.request_id, time.monotonic()
+                if action != "hold":
+                    transport.send_message(msg)
             else:
                 transport.send_message(msg)
+
+    def _reopen(self, transport: ClientTransport) -> ClientTransport:
+        """Close ``transport`` (what is queued on it is dropped) and open a new socket."""
+        self._sync_counters(transport)
+        for k in _TRANSPORT_COUNTERS:
+            self._closed_totals[k] = self.counters[k]
+        transport.close()
+        self._register_rid = 0  # a new socket: its first Register goes out
+        return self._open()
+
+    def _register_action(self, msg: Register) -> str:
+        """``"send"``, ``"hold"`` or ``"reopen"`` (then send) for this Register (see the module
+        docstring); logs how long we have been waiting."""
+        now = time.monotonic()
+        if msg.request_id != self._register_rid:  # a new registration attempt, or a new socket
+            if msg.request_id != self._register_attempt:
+                self._register_attempt = msg.request_id
+                self._register_began = self._register_logged = now
+                log.debug("%s: registering with %s", self.worker_id, self.address)
+            self._register_rid = msg.request_id
+            self._register_sent = now
+            return "send"
+        waited = now - self._register_began
+        if now - self._register_logged >= (
+                _WAIT_LOG_FIRST_S if self._register_logged == self._register_began
+                else _WAIT_LOG_EVERY_S):
+            self._register_logged = now
+            log.info("%s: no answer from %s yet after %.0f s; still trying", self.worker_id,
+                     self.address, waited)
+        if now - max(self._register_sent, self.last_heard) < REGISTER_RESEND_S:
+            self.counters["registers_held"] += 1
+            return "hold"
+        return "reopen"
 
     def _receive(self, transport: ClientTransport, timeout_ms: int) -> None:
         try:

@@ -61,13 +61,20 @@ def wait_group_gone(pgid: int, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-class Proc:
-    """A command in its own session, with its output read line by line by two threads."""
+CONSOLE_SCRIPT = Path(sys.executable).with_name("chronos")
 
-    def __init__(self, *args: str) -> None:
+
+class Proc:
+    """A command in its own session, with its output read line by line by two threads.
+
+    ``script=True`` runs the installed ``chronos`` console script (which, unlike
+    ``python -m``, does not put the current directory on ``sys.path`` by itself)."""
+
+    def __init__(self, *args: str, cwd: Path = ROOT, script: bool = False) -> None:
+        command = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "chronos.cli"]
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "chronos.cli", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True,
+            [*command, *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd, start_new_session=True,
         )
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.out: list[str] = []
@@ -163,15 +170,27 @@ def test_bad_problem_gives_one_error_line(command, problem, message, capsys):
     ("args", "message"),
     [
         (["run", TOY, "--workers", "0"], "workers must be an int >= 1"),
+        (["run", TOY, "--steps", "-1"], "steps must be an int >= 1"),
+        (["run", TOY, "--min-commits", "x"], "min_commits must be an int >= 1 or 'auto'"),
+        (["run", TOY, "--seed", "abc"], "seed must be an int >= 0"),
         (["run", TOY, "--max-staleness", "-1"], "max_staleness"),
+        (["run", TOY, "--timeout", "0"], "--timeout"),
+        (["run", TOY, "--decay", "2"], "decay"),
+        (["coordinator", "--problem", TOY, "--seed", "-3"], "seed must be an int >= 0"),
+        (["coordinator", "--problem", TOY, "--steps", "x"], "steps must be an int >= 0"),
         (["worker", TOY, "--coordinator", "localhost:5555"], "coordinator_addr"),
+        (["worker", TOY, "--rank", "2", "--world-size", "2"], "--rank 2 must be < --world-size"),
+        (["worker", TOY, "--coordinator", "tcp://no-such-host.invalid:5555"],
+         "cannot resolve the coordinator host 'no-such-host.invalid'"),
     ],
 )
 def test_bad_settings_give_one_error_line(args, message, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and message in err[0], err
+    assert "Traceback" not in captured.out + captured.err
 
 
 @pytest.mark.timeout(60)
@@ -202,15 +221,18 @@ def test_run_completes_prints_progress_and_json_and_leaves_no_process(procs):
     assert report["config"]["workers"] == 2 and report["config"]["max_steps"] == 6
     err = "".join(p.err)  # the human-readable part went to stderr
     assert re.search(r"version +\d+/6 \| outer loss [\d.]+ \| [\d.]+ commits/s", err), err
+    assert "nan" not in err  # before the first step: "outer loss —", never "nan"
     assert "finished: version 6/6" in err and "(complete)" in err
     assert "Traceback" not in err
     wait_group_gone(p.pgid)
 
 
 @pytest.mark.timeout(90)
-def test_ctrl_c_stops_the_run_and_every_worker_process(procs):
+def test_ctrl_c_stops_the_run_and_every_worker_process(procs, tmp_path):
+    report = tmp_path / "run.json"
     p = Proc("run", TOY, "--workers", "2", "--steps", "100000", "--heartbeat-interval", "0.2",
-             "--max-staleness", "100", "--straggler-delay", "0.02")
+             "--max-staleness", "100", "--straggler-delay", "0.02", "--seed", "7",
+             "--json", str(report))
     procs.append(p)
     p.expect(r"version +[1-9]\d*/100000", timeout=60)  # both workers are up and committing
     members = group_members(p.pgid)
@@ -219,6 +241,14 @@ def test_ctrl_c_stops_the_run_and_every_worker_process(procs):
     assert p.wait(30) == 130, p.text()
     err = "".join(p.err)
     assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    # the summary with the final λ is still printed, and the JSON written, marked interrupted
+    out = "".join(p.out)
+    assert re.search(r"finished: version [1-9]\d*/100000 .*\(INTERRUPTED\)", out), out
+    assert re.search(r"lam = \[-?\d", out), out
+    data = json.loads(report.read_text())
+    assert data["completed"] is False and data["interrupted"] is True
+    assert data["version"] >= 1 and len(data["outer_params"]["lam"]) == 8
+    assert data["seed"] == 7 and data["config"]["seed"] == 7
     wait_group_gone(p.pgid)
     assert not [pid for pid in members if os.path.exists(f"/proc/{pid}")
                 and pid in group_members(p.pgid)]
@@ -276,5 +306,105 @@ def test_ctrl_c_on_the_coordinator_tells_its_workers_to_leave(procs):
     assert worker.wait(30) == 0, worker.text()
     assert re.search(r"worker w done in [\d.]+ s \([^)]*stopped", worker.text()), worker.text()
     assert "Traceback" not in coord.text() + worker.text()
+    for p in (coord, worker):
+        wait_group_gone(p.pgid)
+
+
+# -- a user's own PROBLEM module, seeds, Ctrl-C while starting ------------------------------------
+
+USER_MODULE = '''
+import torch
+from test_worker import Toy
+
+
+def make(rank, world_size):
+    print(f"myprob rank {rank} seed {torch.initial_seed()}", flush=True)
+    return Toy()
+'''
+
+
+@pytest.mark.timeout(90)
+def test_problem_module_in_the_current_directory_is_found_by_launcher_and_workers(
+        procs, tmp_path):
+    (tmp_path / "myprob.py").write_text(USER_MODULE)
+    # the console script, not `python -m` (which would put the directory on sys.path anyway)
+    p = Proc("run", "myprob:make", "--workers", "2", "--mode", "sync", "--steps", "3",
+             "--heartbeat-interval", "0.2", "--seed", "11", cwd=tmp_path, script=True)
+    procs.append(p)
+    assert p.wait(80) == 0, p.text()
+    text = p.text()
+    assert "finished: version 3/3" in text and "No module named" not in text
+    # seeds: the launcher's problem (rank 0) with 11, worker RANK with 11 + RANK
+    assert "myprob rank 0 seed 11" in text and "myprob rank 1 seed 12" in text, text
+    wait_group_gone(p.pgid)
+
+
+SLOW_MODULE = '''
+import threading
+
+print("slowprob: importing", flush=True)
+threading.Event().wait(60)  # a module that takes long to import (loading data, say)
+
+
+def make(rank, world_size):
+    raise AssertionError("never called")
+'''
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_starting_is_clean(procs, tmp_path):
+    (tmp_path / "slowprob.py").write_text(SLOW_MODULE)
+    p = Proc("run", "slowprob:make", "--workers", "2", cwd=tmp_path, script=True)
+    procs.append(p)
+    p.expect(r"slowprob: importing", timeout=40)  # the launcher is importing the user's module
+    os.killpg(p.pgid, signal.SIGINT)
+    assert p.wait(30) == 130, p.text()
+    err = "".join(p.err)
+    assert "interrupted" in err and "Traceback" not in p.text(), p.text()
+    wait_group_gone(p.pgid)
+
+
+# -- connecting: say where, show progress, fail fast on a bad host name ---------------------------
+
+
+@pytest.mark.timeout(60)
+def test_worker_says_where_it_connects_and_that_it_keeps_trying(procs):
+    port = _free_port()
+    p = Proc("worker", TOY, "--coordinator", f"tcp://127.0.0.1:{port}", "--connect-timeout",
+             "3.5", "--request-timeout", "0.5")
+    procs.append(p)
+    p.expect(rf"connecting to tcp://127\.0\.0\.1:{port} \(timeout 3\.5 s\)", timeout=40)
+    p.expect(rf"no answer from tcp://127\.0\.0\.1:{port} yet after \d+ s; still trying",
+             timeout=10)
+    assert p.wait(30) == 1
+    assert "Traceback" not in p.text()
+
+
+@pytest.mark.timeout(60)
+def test_worker_with_a_host_that_does_not_resolve_fails_at_once(procs):
+    p = Proc("worker", TOY, "--coordinator", "tcp://no-such-host.invalid:5555")
+    procs.append(p)
+    assert p.wait(40) == 2
+    err = [line for line in p.err if "error:" in line]
+    assert len(err) == 1 and "cannot resolve the coordinator host 'no-such-host.invalid'" in err[0]
+    assert "Traceback" not in p.text()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_started_before_its_coordinator_registers_once(procs):
+    # the worker's Registers queue while nobody listens; the coordinator must see one, not a
+    # burst of copies answered `duplicate_worker`
+    port = _free_port()
+    worker = Proc("worker", TOY, "--coordinator", f"tcp://127.0.0.1:{port}", "--worker-id", "w",
+                  "--request-timeout", "0.5")
+    procs.append(worker)
+    worker.expect(r"no answer from .* yet after", timeout=40)  # it has re-tried a while
+    coord = Proc("coordinator", "--problem", TOY, "--port", str(port), "--steps", "3",
+                 "--heartbeat-interval", "0.2", "--report-every", "1")
+    procs.append(coord)
+    assert coord.wait(60) == 0, coord.text()
+    assert worker.wait(30) == 0, worker.text()
+    assert "registrations 1" in coord.text(), coord.text()
+    assert "duplicate_worker" not in coord.text() + worker.text()
     for p in (coord, worker):
         wait_group_gone(p.pgid)

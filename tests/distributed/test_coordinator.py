@@ -40,7 +40,7 @@ def test_non_finite_commits_over_the_wire_are_refused_and_change_nothing(
     n: int, bad: float
 ) -> None:
     with (
-        Coordinator({"lam": torch.ones(n)}, port=0, outer_lr=0.5) as coord,
+        Coordinator({"lam": torch.ones(n)}, port=0, optimizer="sgd", outer_lr=0.5) as coord,
         ClientTransport(coord.address, identity=b"w") as c,
     ):
         _rpc(c, Register(request_id=1, worker_id="w"))
@@ -76,6 +76,7 @@ def test_lambda_sent_zero_copy_is_a_consistent_snapshot_while_steps_go_on() -> N
         Coordinator(
             {"lam": torch.zeros(n)},
             port=0,
+            optimizer="sgd",
             outer_lr=lr,
             max_staleness=10**6,
             max_in_flight=10**6,

@@ -50,7 +50,9 @@ def test_slow_worker_is_rejected_when_too_stale():
     result = run_local(cfg)
     assert result.completed
     s = result.stats
-    assert s["commits_rejected"] >= 1
+    # the slow worker's stale work is refused: cancelled while it computes (LeaseCancelled),
+    # or rejected if the cancellation reached it too late; never applied
+    assert s["commits_rejected"] + s["leases_cancelled"] >= 1
     assert set(s["accepted_by_staleness"]) <= {0}
 
 
@@ -199,3 +201,43 @@ def test_sync_barrier_releases_when_a_worker_leaves_cleanly():
         assert s["deregistrations"] == 2 and s["workers_expired"] == 0
         # 2 steps with both commits, then 4 with the stayer's alone
         assert [h["commits"] for h in coord.history] == [2, 2, 1, 1, 1, 1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore::chronos.distributed.aggregation.WindowStalenessWarning")
+def test_seed_shaped_coordinator_makes_real_progress_on_the_default_problem():
+    """The seed README's shape, nothing else given, on the default digits problem: the
+    default outer optimizer must move λ and lower the validation loss within 8 steps (with
+    the old default, SGD at 0.01, λ moved by < 1e-3 and the loss did not change)."""
+    from chronos.benchmarks.problems import digits_weight_decay
+
+    prob = digits_weight_decay()
+    lam0 = prob.default_outer_params()
+
+    def val_loss(lam):
+        theta, _ = prob.solve(lam)
+        return float(prob.outer_loss(theta, lam))
+
+    coord = Coordinator(outer_params=prob.default_outer_params(), port=0, max_in_flight=3,
+                        max_staleness=2, max_steps=8)
+    with coord:
+        workers = [Worker(digits_weight_decay(rank=i, world_size=2),
+                          WorkerConfig(coordinator_addr=coord.address, worker_id=f"d{i}"))
+                   for i in range(2)]
+        threads = [threading.Thread(target=w.run) for w in workers]
+        for t in threads:
+            t.start()
+        try:
+            assert coord.wait(90), "8 outer steps did not finish"
+        finally:
+            for w in workers:
+                w.stop()
+            for t in threads:
+                t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        lam = coord.outer_params
+    assert coord.version == 8
+    moved = (lam["log_decay"] - lam0["log_decay"]).abs()
+    assert float(moved.max()) > 0.1, float(moved.max())
+    before, after = val_loss(lam0), val_loss(lam)
+    assert after < before - 0.005, (before, after)

@@ -26,6 +26,7 @@ from chronos.distributed.messages import (
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
+    LeaseCancelled,
     Message,
     Register,
     Registered,
@@ -124,6 +125,7 @@ def all_messages() -> list[Message]:
         ErrorReply(request_id=-1, code="malformed", message="bad"),
         ShutdownNotice(request_id=0, reason="done"),
         ShutdownNotice(request_id=0),
+        LeaseCancelled(request_id=2, version=3, current_version=8, reason="too stale"),
     ]
 
 

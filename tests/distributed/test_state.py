@@ -31,6 +31,10 @@ from chronos.distributed.messages import (
 )
 from chronos.distributed.state import CoordinatorState, Outgoing
 
+# many tests use a window wider than max_staleness on purpose (to get rejections)
+pytestmark = pytest.mark.filterwarnings("ignore::chronos.distributed.aggregation."
+                                        "WindowStalenessWarning")
+
 F64 = torch.float64
 T = 5.0  # lease_timeout used throughout
 
@@ -44,7 +48,10 @@ def grad(x: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def config(**kw: Any) -> CoordinatorConfig:
-    base: dict[str, Any] = {"outer_lr": 0.5, "lease_timeout": T, "heartbeat_interval": 1.0}
+    # the tests below check SGD arithmetic and per-commit stepping exactly: pin both (the
+    # defaults, Adam and min_commits="auto", have tests of their own)
+    base: dict[str, Any] = {"outer_lr": 0.5, "optimizer": "sgd", "min_commits": 1,
+                            "lease_timeout": T, "heartbeat_interval": 1.0}  # fmt: skip
     return CoordinatorConfig(**(base | kw))
 
 
@@ -197,6 +204,20 @@ def test_duplicate_registration_is_refused_but_reregistration_after_leaving_is_f
     assert only(d.register("w0", 1.0 + T), Registered).worker_id == "w0"
     st_ = d.s.stats()
     assert st_["workers_expired"] == 1 and st_["errors_by_code"] == {"duplicate_worker": 1}
+
+
+def test_a_resent_copy_of_the_registering_register_is_answered_again() -> None:
+    d = driver()
+    first = Register(request_id=7, worker_id="w0", info={"nonce": "a1"})
+    assert only(d.send("w0", first, 0.0), Registered).request_id == 7
+    again = only(d.send("w0", first, 2.0), Registered)  # the same request, re-sent
+    assert again.request_id == 7 and d.s.stats()["registrations"] == 1
+    assert d.s.stats()["errors_by_code"] == {}
+    # another Register for a live id is still a duplicate: another request id, or the same
+    # request id from another worker (another nonce)
+    for other in (Register(request_id=8, worker_id="w0", info={"nonce": "a1"}),
+                  Register(request_id=7, worker_id="w0", info={"nonce": "b2"})):
+        assert only(d.send("w0", other, 2.0), ErrorReply).code == "duplicate_worker"
 
 
 def test_heartbeat_acks_with_version_and_renews_the_lease() -> None:

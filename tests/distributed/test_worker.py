@@ -377,13 +377,60 @@ def test_deferred_checkout_waits_for_its_grant_without_reconnecting(
     assert coord.stats()["deferred_granted"] == 1
 
 
+class LateToy(Toy):
+    """A Toy whose hypergradient (its outer loss) waits for ``late_gate``: the worker is then
+    past its last lease check, so a cancellation arriving now cannot stop the commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_hypergradient = threading.Event()
+        self.late_gate = threading.Event()
+
+    def outer_loss(self, params, outer_params, batch=None):
+        self.in_hypergradient.set()
+        assert self.late_gate.wait(30), "the test never opened the late gate"
+        return super().outer_loss(params, outer_params, batch)
+
+
 @pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore::chronos.distributed.aggregation.WindowStalenessWarning")
 def test_rejected_commit_is_counted_and_the_worker_goes_on(
     coordinator_factory, workers, raw_clients
 ):
+    prob = LateToy()
+    coord = coordinator_factory(prob, max_staleness=0, max_in_flight=10, min_commits=1)
+    w = workers(prob, coord.address, worker_id="slow")
+    w.connect()
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("reply", w.step()))
+    t.start()
+    try:
+        assert prob.in_hypergradient.wait(10)  # holds version 0, past its last lease check
+        pusher = raw_clients(coord.address, "pusher")
+        pusher.register()
+        pusher.commit(pusher.checkout().version, {"lam": torch.ones(8, dtype=torch.float64)})
+        assert coord.stats()["leases_cancelled"] == 1  # too late for this worker to notice
+    finally:
+        prob.late_gate.set()
+        t.join(20)
+    reply = box["reply"]
+    assert reply.status == "rejected" and reply.staleness == 1 and "max_staleness" in reply.reason
+    assert w.stats()["commits_rejected"] == 1 and coord.version == 1
+    again = w.step()  # a fresh checkout of version 1: accepted
+    assert again is not None and again.status == "accepted" and again.staleness == 0
+    assert w.stats()["commits_accepted"] == 1 and coord.version == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.filterwarnings("ignore::chronos.distributed.aggregation.WindowStalenessWarning")
+def test_cancelled_lease_is_abandoned_mid_solve_and_the_worker_checks_out_again(
+    coordinator_factory, workers, raw_clients
+):
+    """Real sockets: the coordinator cancels a lease that can no longer be accepted and the
+    worker stops its inner solve (which would otherwise never end) without committing."""
     prob = Toy()
-    prob.gate = threading.Event()
-    coord = coordinator_factory(prob, max_staleness=0, max_in_flight=10)
+    prob.endless = True  # only a stop or a cancellation ends this solve
+    coord = coordinator_factory(prob, max_staleness=0, max_in_flight=10, min_commits=1)
     w = workers(prob, coord.address, worker_id="slow")
     w.connect()
     box: dict[str, Any] = {}
@@ -394,15 +441,20 @@ def test_rejected_commit_is_counted_and_the_worker_goes_on(
         pusher = raw_clients(coord.address, "pusher")
         pusher.register()
         pusher.commit(pusher.checkout().version, {"lam": torch.ones(8, dtype=torch.float64)})
+        t.join(20)  # the cancellation ends the endless solve
     finally:
-        prob.gate.set()
-        t.join(20)
-    reply = box["reply"]
-    assert reply.status == "rejected" and reply.staleness == 1 and "max_staleness" in reply.reason
-    assert w.stats()["commits_rejected"] == 1 and coord.version == 1
+        if t.is_alive():
+            w.stop()
+            t.join(10)
+    assert box["reply"] is None
+    s = w.stats()
+    assert s["leases_cancelled"] == 1 and s["commits_sent"] == 0 and s["iterations"] == 0
+    c = coord.stats()
+    assert c["leases_cancelled"] == 1 and c["commits_rejected"] == 0 and c["leases"] == 0
+    prob.endless = False
     again = w.step()  # a fresh checkout of version 1: accepted
     assert again is not None and again.status == "accepted" and again.staleness == 0
-    assert w.stats()["commits_accepted"] == 1 and coord.version == 2
+    assert coord.version == 2 and w.stats()["leases_cancelled"] == 1
 
 
 # -- liveness ------------------------------------------------------------------------------------
