@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m chronos.benchmarks.hypergrad
+	$(PY) -m chronos.benchmarks.scaling
 	rm -f results/protocol*.json
 	for i in 1 2 3; do $(PY) -m chronos.benchmarks.protocol --out results/protocol_$$i.json || exit 1; done
 	$(PY) -m chronos.benchmarks.report

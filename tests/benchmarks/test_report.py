@@ -3,18 +3,25 @@ from chronos.benchmarks.report import END, START, render, table_rows, update_rea
 
 def test_rows_mark_targets_met_and_missed():
     rows = table_rows({
-        "hypergrad": {"comparison": {"ratio_chronos_over_torchopt": 0.9,
-                                     "rel_diff_chronos_torchopt": 1e-6},
+        "hypergrad": {"per_iteration": {"ratio_to_floor": {"chronos": 1.3, "torchopt": 1.2}},
+                      "comparison": {"ratio_kfac_over_torchopt": 0.4,
+                                     "ratio_kfac_reused_over_torchopt": 0.3,
+                                     "ratio_chronos_over_torchopt": 1.0,
+                                     "iterations": {"chronos_kfac": 20, "torchopt": 120},
+                                     "rel_diff_vs_chronos": {"torchopt": 1e-6}},
                       "warm_start": {"iteration_reduction": 0.5}},
         "protocol": {"ratios": {"4mb_round_trip_chronos_over_raw": 1.2,
                                 "throughput_chronos_over_raw": 0.1,
                                 "tiny_round_trip_chronos_over_raw": 3.0}},
     })
     met = {r[0].split(",")[0]: r[3] for r in rows}
-    assert met["Hypergradient time"] == "**no**"
-    assert met["CG iterations saved by warm start (20 outer steps)"] == "yes"
+    assert met["Per CG iteration"] == "**no**"
+    assert met["Time to an rtol-1e-6 hypergradient"] == "yes"
+    assert met["CG iterations saved by warm start (20 outer steps"] == "yes"
     assert met["4 MB checkout+commit round trip / raw zero-copy echo"] == "yes"
     assert met["Small-commit throughput / raw DEALER-ROUTER echo (8 clients)"] == "**no**"
+    kfac = next(r for r in rows if r[0].startswith("Time to"))
+    assert "kfac 20, torchopt 120" in kfac[1] and "factors reused 0.30" in kfac[1]
 
 
 def test_missing_results_say_not_run_and_readme_is_rewritten(tmp_path):
@@ -40,3 +47,22 @@ def test_several_protocol_runs_are_merged_into_medians(tmp_path):
     assert res["protocol"]["ratios"]["4mb_round_trip_chronos_over_raw"] == 1.4
     row = next(r for r in table_rows(res) if r[0].startswith("4 MB"))
     assert row[1] == "1.40 (median of 3 runs: 1.20–1.80)" and row[3] == "yes"
+
+
+def test_scaling_rows_report_applied_fractions_with_the_64_client_target():
+    from chronos.benchmarks.report import scaling_rows
+
+    def row(kind_setting: str, n: int, applied: float) -> dict:
+        return {"setting": kind_setting, "clients": n, "applied": applied}
+
+    rows = scaling_rows({
+        "sockets": [row("defaults", 1, 1.0), row("defaults", 64, 0.45),
+                    row("seed (old)", 64, 0.1)],
+        "simulated": [row("defaults", 64, 0.9)],
+    })
+    by_what = {r[0]: r for r in rows}
+    r64 = by_what["Computed hypergradients applied, 64 equally fast clients, defaults"]
+    assert r64[1] == "45.0% (simulated: 90.0%)" and r64[3] == "**no**"
+    assert by_what["Computed hypergradients applied, 4 equally fast clients, defaults"][1] == (
+        "not run")
+    assert any(r[1] == "10.0%" for r in rows)
