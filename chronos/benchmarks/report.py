@@ -99,6 +99,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
              _get(hg, "warm_start", "iteration_reduction"),
              lambda v: f"{100 * v:.1f}%", "≥ 40%", lambda v: v >= 0.4, hg_cmd),
         *scaling_rows(results.get("scaling", {})),
+        *communication_rows(results.get("communication", {})),
         _row("4 MB checkout+commit round trip / raw zero-copy echo",
              _get(pr, "ratios", "4mb_round_trip_chronos_over_raw"),
              spread("4mb_round_trip_chronos_over_raw"), "≤ 1.5", lambda v: v <= 1.5, pr_cmd),
@@ -139,6 +140,29 @@ def scaling_rows(sc: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def communication_rows(cm: dict[str, Any]) -> list[Row]:
+    """Bytes on the wire (all ops, both directions) of each sparse row over the dense row,
+    with the test-accuracy difference in points; the target applies to hyper-cleaning."""
+    cmd = "`python -m chronos.benchmarks.communication`"
+    rows = []
+    for name, prob in (cm.get("problems") or {}).items():
+        for r in prob.get("rows", [])[1:]:
+            diff = float(r["accuracy_diff_points"])
+            target = name == "hyper-cleaning"
+
+            def ok(v: float, diff: float = diff) -> bool:
+                return v <= 0.2 and abs(diff) <= 0.5
+
+            def fmt(v: float, diff: float = diff) -> str:
+                return f"{v:.3f} ({diff:+.2f} points)"
+
+            rows.append(_row(
+                f"Bytes on the wire {r['row']} / dense, {name} (test accuracy difference)",
+                float(r["bytes_ratio"]), fmt, "≤ 0.2 at ±0.5 points" if target else "—",
+                ok if target else None, cmd))
+    return rows
+
+
 def render(results: dict[str, dict[str, Any]], when: str | None = None) -> str:
     """The Markdown block (without the markers)."""
     rows = table_rows(results)
@@ -174,7 +198,7 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """``{name: json}`` from ``results/NAME*.json``; several protocol runs are merged into the
     median of each ratio, with the per-run values kept under ``runs``."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("hypergrad", "scaling"):
+    for name in ("hypergrad", "scaling", "communication"):
         path = results_dir / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())

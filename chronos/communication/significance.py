@@ -2,7 +2,13 @@
 
 An update Δ is worth sending only when it is large relative to the parameters it changes:
 
-    significance(Δ, θ) = ‖Δ‖₂ / (‖θ‖₂ + eps)   and send  ⇔  significance > threshold.
+    significance(Δ, θ) = ‖η·Δ‖₂ / (‖θ‖₂ + scale + eps)   and send  ⇔  significance > threshold.
+
+``η`` (``step_size``, default 1) maps Δ into parameter space: a sender that accumulates
+*gradients* passes the step size it would move θ with, so the test is "would the held-back work
+move θ by more than ``threshold`` relative to θ?". ``scale`` (default 0) is a typical
+parameter-space step (e.g. a running mean of past ‖θ_{v+1} − θ_v‖) added to ‖θ‖, so that θ = 0
+is not special: without it every update of θ = 0 has infinite significance.
 
 What is not sent is not lost: it stays in an error-feedback residual ``r`` that is added to the
 next update. With ``c_t = r_{t−1} + Δ_t``, either ``c_t`` is sent and ``r_t = 0``, or nothing is
@@ -10,12 +16,19 @@ sent and ``r_t = c_t``. Hence, at every step,
 
     Σ (what was sent) + r_t = Σ_t Δ_t            (the error-feedback invariant)
 
-so the receiver's sum is exactly the sender's sum once the residual is flushed. With a
-``target_rate`` the threshold adapts multiplicatively, ``τ ← τ · exp(gain · (sent − target))``,
-so over time about a ``target_rate`` fraction of updates is sent.
+so the receiver's sum is exactly the sender's sum once the residual is flushed. A payload that
+the receiver did not take after all (rejected, refused, never acknowledged) is put back with
+:func:`restore_payload` / :meth:`SignificanceFilter.restore`, which keeps the invariant with
+"sent" meaning *accepted*.
 
-The functional core (:func:`significance`, :func:`filter_step`) is pure; :class:`SignificanceFilter`
-is a thin stateful wrapper.
+``max_skip`` bounds silence: after ``max_skip`` consecutive held-back updates the next one is
+sent whatever its significance (so at least one send every ``max_skip + 1`` updates; a huge
+threshold cannot stall a sender). With a ``target_rate`` the threshold adapts multiplicatively,
+``τ ← τ · exp(gain · (sent − target))``, so over time about a ``target_rate`` fraction of
+updates is sent.
+
+The functional core (:func:`significance`, :func:`filter_step`, :func:`restore_payload`) is
+pure; :class:`SignificanceFilter` is a thin stateful wrapper.
 
 Example:
     >>> import torch
@@ -26,6 +39,12 @@ Example:
     >>> sent = f.update({"w": torch.full((4,), 0.1)}, theta)     # residual + Δ: 0.15 > 0.1
     >>> [round(x, 2) for x in sent["w"].tolist()], float(f.residual_norm)
     ([0.15, 0.15, 0.15, 0.15], 0.0)
+    >>> f.restore(sent)                                     # the receiver refused it
+    >>> round(float(f.residual_norm), 2)                    # back in the residual
+    0.3
+    >>> zero = {"w": torch.zeros(4)}                        # θ = 0: scale is the yardstick
+    >>> round(significance({"w": torch.full((4,), 0.5)}, zero, step_size=0.1, scale=1.0), 3)
+    0.1
 """
 
 from __future__ import annotations
@@ -47,6 +66,7 @@ __all__ = [
     "SignificanceFilter",
     "filter_step",
     "init_filter",
+    "restore_payload",
     "significance",
 ]
 
@@ -56,11 +76,14 @@ class SignificanceConfig:
     """Settings of a significance filter.
 
     Args:
-        threshold: send when ‖Δ‖/(‖θ‖+eps) exceeds this (>= 0; 0 sends every nonzero update).
-        eps: added to ‖θ‖ so θ = 0 does not divide by zero (> 0).
+        threshold: send when ‖η·Δ‖/(‖θ‖+scale+eps) exceeds this (>= 0; 0 sends every nonzero
+            update).
+        eps: added to the denominator so θ = 0 with no scale does not divide by zero (> 0).
         target_rate: if set (in (0, 1]), adapt the threshold so about this fraction is sent.
         gain: adaptation speed for ``target_rate`` (> 0).
         min_threshold, max_threshold: clamp of the adapted threshold.
+        max_skip: send at the latest after this many consecutive held-back updates (an int
+            >= 1), or ``None`` for no bound.
     """
 
     threshold: float = 0.01
@@ -69,6 +92,7 @@ class SignificanceConfig:
     gain: float = 0.1
     min_threshold: float = 1e-8
     max_threshold: float = 1e3
+    max_skip: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0
@@ -82,22 +106,31 @@ class SignificanceConfig:
             raise ConfigError(f"gain must be > 0, got {self.gain}")
         if not 0 < self.min_threshold <= self.max_threshold:
             raise ConfigError("need 0 < min_threshold <= max_threshold")
+        ms = self.max_skip
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, int) or ms < 1):
+            raise ConfigError(f"max_skip must be an int >= 1 or None, got {ms!r}")
 
 
 @dataclass(frozen=True)
 class FilterState:
-    """Residual not yet sent, the current threshold and counters."""
+    """Residual not yet sent, the current threshold and counters: ``sent`` / ``skipped``
+    updates, ``held`` (consecutive skips since the last send, for ``max_skip``), ``forced``
+    (sends because of ``max_skip`` or ``force``) and ``restored`` (payloads put back)."""
 
     residual: TensorDict
     threshold: float
     sent: int = 0
     skipped: int = 0
+    held: int = 0
+    forced: int = 0
+    restored: int = 0
 
 
 def significance(delta: Mapping[str, Tensor], params: Mapping[str, Tensor],
-                 eps: float = 1e-12) -> float:
-    """``‖Δ‖₂ / (‖θ‖₂ + eps)`` over all entries of the dicts."""
-    return float(td.norm(delta)) / (float(td.norm(params)) + eps)
+                 eps: float = 1e-12, *, step_size: float = 1.0, scale: float = 0.0) -> float:
+    """``‖step_size·Δ‖₂ / (‖θ‖₂ + scale + eps)`` over all entries of the dicts."""
+    num = abs(step_size) * float(td.norm(delta))
+    return num / (float(td.norm(params)) + max(scale, 0.0) + eps)
 
 
 def init_filter(like: Mapping[str, Tensor], config: SignificanceConfig) -> FilterState:
@@ -110,45 +143,87 @@ def filter_step(
     delta: Mapping[str, Tensor],
     params: Mapping[str, Tensor],
     config: SignificanceConfig,
+    *,
+    step_size: float = 1.0,
+    scale: float = 0.0,
+    force: bool = False,
 ) -> tuple[FilterState, TensorDict | None]:
-    """Add ``delta`` to the residual; return the new state and what to send (or ``None``)."""
+    """Add ``delta`` to the residual; return the new state and what to send (or ``None``).
+
+    Sent when the significance of residual + Δ (see :func:`significance`, with ``step_size``
+    and ``scale``) exceeds the threshold, when ``max_skip`` updates in a row were held back,
+    or when ``force`` is set (e.g. the sender has no yardstick yet)."""
     candidate = td.add(state.residual, td.detach(delta))
-    send = significance(candidate, params, config.eps) > state.threshold
+    significant = significance(candidate, params, config.eps, step_size=step_size,
+                               scale=scale) > state.threshold
+    forced = not significant and (
+        force or (config.max_skip is not None and state.held >= config.max_skip)
+    )
+    send = significant or forced
     threshold = state.threshold
     if config.target_rate is not None:
         threshold *= math.exp(config.gain * ((1.0 if send else 0.0) - config.target_rate))
         threshold = min(max(threshold, config.min_threshold), config.max_threshold)
     if send:
-        new = FilterState(td.zeros_like(candidate), threshold, state.sent + 1, state.skipped)
+        new = replace(state, residual=td.zeros_like(candidate), threshold=threshold,
+                      sent=state.sent + 1, held=0, forced=state.forced + int(forced))
         return new, candidate
-    return replace(state, residual=candidate, threshold=threshold, skipped=state.skipped + 1), None
+    new = replace(state, residual=candidate, threshold=threshold, skipped=state.skipped + 1,
+                  held=state.held + 1)
+    return new, None
+
+
+def restore_payload(state: FilterState, payload: Mapping[str, Tensor]) -> FilterState:
+    """Put a payload that was not delivered after all (rejected, refused, unacknowledged; or
+    the part of a send that a lossy codec dropped) back into the residual, so that
+    ``Σ delivered + residual = Σ updates`` still holds with "delivered" meaning accepted."""
+    residual = td.add(state.residual, td.detach(payload))
+    return replace(state, residual=residual, restored=state.restored + 1)
 
 
 class SignificanceFilter:
     """Stateful wrapper around :func:`filter_step` (one per sender).
 
     ``update(delta, params)`` returns what to send now (residual included) or ``None``;
-    ``flush()`` returns and clears the residual (e.g. at the end of a job).
+    ``restore(payload)`` puts back a payload the receiver did not take; ``flush()`` returns and
+    clears the residual (e.g. at the end of a job).
     """
 
     def __init__(self, config: SignificanceConfig | None = None) -> None:
         self.config = config or SignificanceConfig()
         self._state: FilterState | None = None
 
-    def should_communicate(self, delta: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> bool:
-        """Would ``delta`` (plus the residual) be sent now? Changes nothing."""
+    def should_communicate(self, delta: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                           *, step_size: float = 1.0, scale: float = 0.0) -> bool:
+        """Would ``delta`` (plus the residual) be significant now? Changes nothing (and does
+        not look at ``max_skip``)."""
         candidate = td.detach(delta) if self._state is None else td.add(self._state.residual, delta)
         threshold = self.config.threshold if self._state is None else self._state.threshold
-        return significance(candidate, params, self.config.eps) > threshold
+        return significance(candidate, params, self.config.eps, step_size=step_size,
+                            scale=scale) > threshold
 
     def update(
-        self, delta: Mapping[str, Tensor], params: Mapping[str, Tensor]
+        self,
+        delta: Mapping[str, Tensor],
+        params: Mapping[str, Tensor],
+        *,
+        step_size: float = 1.0,
+        scale: float = 0.0,
+        force: bool = False,
     ) -> TensorDict | None:
-        """Accumulate ``delta``; return what to send now, or ``None``."""
+        """Accumulate ``delta``; return what to send now, or ``None`` (see
+        :func:`filter_step` for ``step_size``, ``scale`` and ``force``)."""
         if self._state is None:
             self._state = init_filter(delta, self.config)
-        self._state, out = filter_step(self._state, delta, params, self.config)
+        self._state, out = filter_step(self._state, delta, params, self.config,
+                                       step_size=step_size, scale=scale, force=force)
         return out
+
+    def restore(self, payload: Mapping[str, Tensor]) -> None:
+        """Put back a payload that was not delivered (see :func:`restore_payload`)."""
+        if self._state is None:
+            self._state = init_filter(payload, self.config)
+        self._state = restore_payload(self._state, payload)
 
     def flush(self) -> TensorDict | None:
         """Return the residual (``None`` if empty or all zero) and reset it to zero."""
@@ -171,12 +246,19 @@ class SignificanceFilter:
     def threshold(self) -> float:
         return self.config.threshold if self._state is None else self._state.threshold
 
+    @property
+    def held(self) -> int:
+        """Consecutive updates held back since the last send."""
+        return 0 if self._state is None else self._state.held
+
     def stats(self) -> dict[str, float]:
-        """``sent``, ``skipped``, ``threshold``, ``residual_norm``."""
+        """``sent``, ``skipped``, ``forced``, ``restored``, ``threshold``, ``residual_norm``."""
         s = self._state
         return {
             "sent": 0 if s is None else s.sent,
             "skipped": 0 if s is None else s.skipped,
+            "forced": 0 if s is None else s.forced,
+            "restored": 0 if s is None else s.restored,
             "threshold": self.threshold,
             "residual_norm": float(self.residual_norm),
         }

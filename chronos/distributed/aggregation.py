@@ -134,8 +134,9 @@ class CoordinatorConfig:
         >>> cfg = CoordinatorConfig()
         >>> (cfg.max_in_flight, cfg.max_staleness, cfg.min_commits, cfg.outer_optimizer())
         (3, 4, 'auto', ('adam', 0.05))
-        >>> CoordinatorConfig(mode="sync", num_workers=4).worker_config()
-        {'heartbeat_interval': 2.0, 'lease_timeout': 20.0, 'mode': 'sync'}
+        >>> wc = CoordinatorConfig(mode="sync", num_workers=4).worker_config()
+        >>> wc["mode"], wc["heartbeat_interval"], wc["lease_timeout"], wc["optimizer"]
+        ('sync', 2.0, 20.0, 'adam')
         >>> try:
         ...     CoordinatorConfig(decay=2.0)
         ... except ConfigError as e:
@@ -227,11 +228,16 @@ class CoordinatorConfig:
         return spec, lr
 
     def worker_config(self) -> dict[str, float | str]:
-        """The scalars sent to a worker in :class:`Registered`."""
+        """The scalars sent to a worker in :class:`Registered`: liveness, the mode, and the
+        outer optimizer with its step size (a worker taking local outer steps uses an SGD
+        coordinator's ``outer_lr`` as its own step; a factory is announced as ``"custom"``)."""
+        spec, lr = self.outer_optimizer()
         return {
             "heartbeat_interval": float(self.heartbeat_interval),
             "lease_timeout": float(self.lease_timeout),
             "mode": self.mode,
+            "optimizer": spec if isinstance(spec, str) else "custom",
+            "outer_lr": float(lr),
         }
 
 

@@ -193,8 +193,55 @@ def _worker_solve_args(p: argparse.ArgumentParser) -> None:
                    help="with --hypergradient unrolled: unroll plain gradient descent of this "
                         "step from the solution (default: replay the problem's own SGD/momentum "
                         "solve; needed for problems solved by L-BFGS or Adam)")
-    p.add_argument("--significance-threshold", type=float, default=0.0,
-                   help="send a hypergradient only when ||g + r|| / ||λ|| exceeds this")
+    p.add_argument("--significance-threshold", type=_fraction_or_more("significance_threshold"),
+                   default=0.0,
+                   help="hold hypergradients back (taking local outer steps, error feedback) "
+                        "until the accumulated step ||η·r|| / (||λ|| + scale) exceeds this; "
+                        "0 sends every one")
+    p.add_argument("--target-rate", type=_rate, default=None,
+                   help="adapt the threshold so about this fraction of rounds is sent "
+                        "(default: fixed threshold)")
+    p.add_argument("--max-skip", type=_int_at_least(1, "max_skip"), default=None,
+                   help="send at the latest after this many held-back rounds (default: "
+                        "WorkerConfig's, 8)")
+    p.add_argument("--local-lr", type=_positive_float, default=None,
+                   help="step size of the local outer steps (default: the coordinator's SGD "
+                        "step, else measured from its steps)")
+    p.add_argument("--codec", default="identity",
+                   help="compression of commits and delta checkouts, with error feedback: "
+                        "identity, fp16, bf16, int8, int8:stochastic, topk:F, topk:F+int8, ...")
+
+
+def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The WorkerConfig fields of :func:`_worker_solve_args`' sparse-communication options."""
+    out: dict[str, Any] = {"codec": args.codec}
+    for name in ("target_rate", "max_skip", "local_lr"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
+def _fraction_or_more(what: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{what} must be a number >= 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"target_rate must be in (0, 1], got {text!r}")
+    return value
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -247,9 +294,13 @@ def _run(argv: list[str] | None) -> int:
             inner_steps=args.inner_steps, hypergradient=args.hypergradient,
             unroll_lr=args.unroll_lr,
             significance_threshold=args.significance_threshold, timeout=args.timeout,
+            worker_options=_sparse_options(args),
             seed=args.seed,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
+        from chronos.distributed.worker import WorkerConfig
+
+        WorkerConfig(**cfg.worker_options)  # and a bad --codec / sparse option here
     except ChronosError as e:
         return _error(p.prog, e)
 
@@ -365,7 +416,7 @@ def _fmt(value: Any) -> str:
 def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
     """The end of ``chronos run``: how far it got, the counters, one line per worker (if the
     coordinator's stats have per-worker figures), the outer loss and the final λ."""
-    from chronos.distributed.launcher import outer_losses
+    from chronos.distributed.launcher import format_bytes_by_op, outer_losses
 
     s = result.stats
     wall = result.wall_time
@@ -377,6 +428,8 @@ def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
           f"{s.get('commits_rejected', 0)}; checkouts deferred {s.get('checkouts_deferred', 0)}; "
           f"bytes received {s.get('bytes_received', 0)}, sent {s.get('bytes_sent', 0)}; "
           f"worker exit codes {list(result.worker_exitcodes)}", file=out, flush=True)
+    for line in format_bytes_by_op(result):
+        print(line, file=out)
     for wid, figures in sorted(_per_worker(s).items()):
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()
                           if isinstance(v, (int, float, str)))
@@ -548,7 +601,7 @@ def _worker(argv: list[str] | None) -> int:
             unroll_lr=args.unroll_lr, significance_threshold=args.significance_threshold,
             straggler_delay=args.straggler_delay, num_threads=args.threads,
             heartbeat_interval=args.heartbeat_interval, request_timeout=args.request_timeout,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=args.connect_timeout, **_sparse_options(args),
         )
         resolve_address(cfg.coordinator_addr)  # a host that does not resolve: say so, now
         problem = make_problem(args.problem, args.rank, args.world_size)

@@ -36,12 +36,13 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal
 
 from torch import Tensor
 
+from chronos.communication.accounting import totals
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import OptimizerSpec
 from chronos.core.tensordict import TensorDict
@@ -55,7 +56,12 @@ from chronos.distributed.protocol import (
     encode,
     error_reply,
 )
-from chronos.distributed.state import CoordinatorConfig, CoordinatorState, Outgoing
+from chronos.distributed.state import (
+    DEFAULT_MAX_DELTA_LAG,
+    CoordinatorConfig,
+    CoordinatorState,
+    Outgoing,
+)
 from chronos.distributed.transport import CurveServerConfig, ServerTransport
 
 __all__ = ["Coordinator"]
@@ -114,6 +120,11 @@ class Coordinator:
             :class:`~chronos.core.errors.ConfigError` instead of silently dropping one (put
             it in the config, or ``dataclasses.replace(config, ...)``). ``problem`` then only
             supplies ``outer_params``.
+        codecs: codec specs workers may register with (``None``: every built-in; a worker
+            naming another gets ``ErrorReply(code="unsupported_codec")``). Commits are decoded
+            with the worker's codec; checkouts of workers with a lossy codec are coded deltas
+            (see :mod:`~.state`, "Codecs" and "Delta checkouts").
+        max_delta_lag: a worker more than this many versions behind gets a full λ, not a delta.
     """
 
     def __init__(
@@ -138,6 +149,8 @@ class Coordinator:
         curve: CurveServerConfig | None = None,
         limits: DecodeLimits = DEFAULT_LIMITS,
         config: CoordinatorConfig | None = None,
+        codecs: Iterable[str] | None = None,
+        max_delta_lag: int = DEFAULT_MAX_DELTA_LAG,
     ) -> None:
         settings: dict[str, Any] = {
             "mode": mode,
@@ -174,7 +187,9 @@ class Coordinator:
                     "default_outer_params()"
                 )
             outer_params = problem.default_outer_params()
-        self._state = CoordinatorState(outer_params, config)
+        self._state = CoordinatorState(
+            outer_params, config, codecs=codecs, max_delta_lag=max_delta_lag
+        )
         self.config = config
         self._bind = (host, port, allow_remote, curve, limits)
         self._lock = threading.Lock()
@@ -282,12 +297,20 @@ class Coordinator:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: state machine decisions plus bytes/messages on the wire."""
+        """Counters: state machine decisions plus bytes/messages on the wire: totals
+        (``bytes_sent`` …), ``bytes_by_op`` (op → ``sent`` / ``received`` /
+        ``messages_sent`` / ``messages_received``) and ``bytes_by_channel`` (``{"zmq": the
+        same four, summed}``)."""
         with self._lock:
             out = dict(self._state.stats())
         out.update(self._net)
         if self._transport is not None:  # plain int attributes: safe to read from any thread
             out.update(self._transport.stats())
+            by_op = self._transport.bytes_by_op()
+        else:
+            by_op = {}
+        out["bytes_by_op"] = by_op  # op -> sent / received / messages_sent / messages_received
+        out["bytes_by_channel"] = {"zmq": totals(by_op)}
         out["uptime_s"] = 0.0 if self._started_at is None else time.monotonic() - self._started_at
         return out
 

@@ -47,6 +47,7 @@ from typing import Any, Literal, cast
 
 import torch
 
+from chronos.communication.accounting import merge_by_op
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import InnerProblem
@@ -61,6 +62,7 @@ __all__ = [
     "RunInterrupted",
     "RunResult",
     "add_cwd_to_path",
+    "format_bytes_by_op",
     "initial_outer_params",
     "load_factory",
     "make_problem",
@@ -183,6 +185,7 @@ def worker_main(
     spec: str, rank: int, world_size: int, config: WorkerConfig,
     max_iterations: int | None = None, log_level: int = logging.WARNING,
     import_path: tuple[str, ...] = (), seed: int | None = None,
+    result_queue: Any = None,
 ) -> None:
     """Entry point of a worker process started by :func:`run_local` (``spawn``).
 
@@ -192,6 +195,9 @@ def worker_main(
     :class:`ChronosError` is logged as one line and exits with code 1. ``import_path`` goes
     first on ``sys.path`` (the launcher's current directory: where a user's PROBLEM module
     lives); ``seed`` (``None``: unseeded) seeds this process with ``seed + rank``.
+    ``result_queue`` (a ``multiprocessing`` ``SimpleQueue``, or ``None``) receives
+    ``(rank, worker.stats())`` once the worker's loop ended: how the launcher learns each
+    worker's counters (per-op bytes included).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for entry in reversed(import_path):
@@ -214,7 +220,9 @@ def worker_main(
         worker = Worker(problem, config)
         holder.append(worker)
         _stop_when_parent_dies(worker)
-        worker.run(max_iterations=max_iterations)  # closes its socket and thread on the way out
+        final = worker.run(max_iterations=max_iterations)  # closes its socket and thread
+        if result_queue is not None:
+            result_queue.put((rank, final))
     except ChronosError as e:
         logging.getLogger("chronos.launcher").error("%s", e)
         raise SystemExit(1) from None
@@ -254,7 +262,13 @@ class RunConfig:
     problem's (``default_outer_optimizer`` / ``default_outer_lr``), else
     :data:`~chronos.distributed.defaults.OUTER_OPTIMIZER` and its step size. ``seed``
     (``None``: unseeded) seeds the launcher with ``seed`` and worker ``rank`` with
-    ``seed + rank``. Every other default comes from :mod:`~chronos.distributed.defaults`.
+    ``seed + rank``. ``max_iterations``: each worker does that many checkout → solve →
+    commit rounds, flushes what its error-feedback residual holds, and leaves; the job is
+    complete when every worker did (or when ``max_steps`` versions are reached, whichever
+    comes first): equal work per worker, for comparisons. ``worker_options``: further
+    :class:`~chronos.distributed.worker.WorkerConfig` fields (``codec``, ``max_skip``,
+    ``target_rate``, ``local_lr``...). Every other default comes from
+    :mod:`~chronos.distributed.defaults`.
     """
 
     problem: str
@@ -278,6 +292,7 @@ class RunConfig:
     timeout: float = 300.0
     port: int = 0
     seed: int | None = None
+    max_iterations: int | None = None
     worker_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -296,6 +311,9 @@ class RunConfig:
             )
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout!r}")
+        it = self.max_iterations
+        if it is not None and (not _is_int(it) or it < 1):
+            raise ConfigError(f"max_iterations must be an int >= 1 or None, got {it!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ConfigError(f"seed must be an int >= 0 or None, got {self.seed!r}")
         mc = self.min_commits
@@ -320,7 +338,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a local job did."""
+    """What a local job did. ``stats``: the coordinator's; ``worker_stats``: each worker's
+    final :meth:`~chronos.distributed.worker.Worker.stats` by worker id (workers that exited
+    cleanly; a killed or failed one is missing)."""
 
     outer_params: dict[str, torch.Tensor]
     version: int
@@ -330,9 +350,20 @@ class RunResult:
     worker_exitcodes: tuple[int | None, ...]
     completed: bool
     interrupted: bool = False
+    worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def bytes_by_op(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per-op wire counters: ``{"coordinator": {op: {...}}, "workers": {op: {...}}}``
+        (the workers' summed with :func:`~chronos.communication.accounting.merge_by_op`;
+        each op has ``sent``, ``received``, ``messages_sent``, ``messages_received``)."""
+        return {
+            "coordinator": dict(self.stats.get("bytes_by_op", {})),
+            "workers": merge_by_op(s.get("bytes_by_op", {}) for s in self.worker_stats.values()),
+        }
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly summary (λ as lists)."""
+        """JSON-friendly summary (λ as lists), with ``bytes_by_op`` (:meth:`bytes_by_op`) and
+        ``worker_stats``."""
         return {
             "version": self.version,
             "wall_time_s": self.wall_time,
@@ -340,8 +371,23 @@ class RunResult:
             "interrupted": self.interrupted,
             "outer_params": {k: v.tolist() for k, v in self.outer_params.items()},
             "stats": self.stats,
+            "bytes_by_op": self.bytes_by_op(),
+            "worker_stats": self.worker_stats,
             "worker_exitcodes": list(self.worker_exitcodes),
         }
+
+
+def format_bytes_by_op(result: RunResult) -> list[str]:
+    """One line per side (coordinator, workers) of per-op bytes, for a printed summary:
+    ``op sent/received`` with the biggest ops first."""
+    lines = []
+    for side, by_op in result.bytes_by_op().items():
+        if not by_op:
+            continue
+        ordered = sorted(by_op.items(), key=lambda kv: -(kv[1]["sent"] + kv[1]["received"]))
+        shown = ", ".join(f"{op} {c['sent']}/{c['received']}" for op, c in ordered)
+        lines.append(f"  bytes by op, {side} (sent/received): {shown}")
+    return lines
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -393,6 +439,14 @@ def run_local(
         heartbeat_interval=cfg.heartbeat_interval,
     )
     ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()  # (rank, final worker stats) from each worker that ends cleanly
+    worker_stats: dict[int, dict[str, Any]] = {}
+
+    def collect() -> None:
+        while not results.empty():
+            rank, final = results.get()
+            worker_stats[int(rank)] = final
+
     procs: list[Any] = []
     t0 = time.perf_counter()
     completed = False
@@ -403,7 +457,9 @@ def run_local(
             wcfg = replace(base, coordinator_addr=coordinator.address,
                            worker_id=f"worker-{rank}", straggler_delay=delay)
             p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
-                            kwargs={"import_path": import_path, "seed": cfg.seed},
+                            kwargs={"import_path": import_path, "seed": cfg.seed,
+                                    "result_queue": results,
+                                    "max_iterations": cfg.max_iterations},
                             name=f"chronos-worker-{rank}", daemon=True)
             # the child inherits SIG_IGN: Ctrl-C is the launcher's to handle (ignored only
             # for the few ms of the start itself, so a Ctrl-C between starts is seen)
@@ -414,6 +470,7 @@ def run_local(
         next_report = t0
         failed: set[int] = set()
         while True:
+            collect()
             if coordinator.wait(timeout=0.1):
                 completed = coordinator.version >= cfg.max_steps
                 break
@@ -426,7 +483,10 @@ def run_local(
                     failed.add(rank)
                     log.error("worker %d exited with code %s", rank, p.exitcode)
             if all(not p.is_alive() for p in procs):
-                log.error("every worker process exited before the job finished")
+                if cfg.max_iterations is not None and all(p.exitcode == 0 for p in procs):
+                    completed = True  # every worker did its max_iterations rounds
+                else:
+                    log.error("every worker process exited before the job finished")
                 break
             if now >= deadline:
                 log.error("job timed out after %.0f s at version %d", cfg.timeout,
@@ -440,7 +500,9 @@ def run_local(
         wall = time.perf_counter() - t0
         with _sigint_ignored():  # a second Ctrl-C must not leave orphans behind
             coordinator.stop()  # tells every registered worker to shut down
-            codes = _join_all(procs, grace=2.0 if interrupted else 3.0)
+            codes = _join_all(procs, grace=2.0 if interrupted else 3.0, drain=collect)
+            collect()
+            results.close()
     result = RunResult(
         outer_params=coordinator.outer_params,
         version=coordinator.version,
@@ -450,6 +512,7 @@ def run_local(
         worker_exitcodes=codes,
         completed=completed,
         interrupted=interrupted,
+        worker_stats={f"worker-{r}": worker_stats[r] for r in sorted(worker_stats)},
     )
     if interrupted:
         raise RunInterrupted(result)
@@ -486,11 +549,21 @@ def outer_losses(history: list[dict[str, Any]]) -> list[float]:
             if isinstance(h.get("outer_loss"), (int, float)) and math.isfinite(h["outer_loss"])]
 
 
-def _join_all(procs: list[Any], grace: float) -> tuple[int | None, ...]:
-    """Wait up to ``grace`` s for every process; SIGTERM (a clean stop), then SIGKILL, the rest."""
+def _join_all(
+    procs: list[Any], grace: float, drain: Callable[[], None] | None = None
+) -> tuple[int | None, ...]:
+    """Wait up to ``grace`` s for every process; SIGTERM (a clean stop), then SIGKILL, the rest.
+    ``drain`` is called while waiting (it empties the result queue, so that no worker blocks
+    on a full pipe while it reports its stats)."""
     deadline = time.monotonic() + grace
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+    while True:
+        if drain is not None:
+            drain()
+        waiting = [p for p in procs if p.is_alive()]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        waiting[0].join(min(0.05, left))
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.terminate()

@@ -31,6 +31,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "Checkout",
+    "CheckoutKind",
     "CheckoutReply",
     "CheckoutStatus",
     "Commit",
@@ -54,6 +55,7 @@ PROTOCOL_VERSION = 1
 Scalar = bool | int | float | str | None
 
 CheckoutStatus = Literal["granted", "deferred", "not_modified"]
+CheckoutKind = Literal["full", "delta"]
 CommitStatus = Literal["accepted", "rejected", "duplicate"]
 ErrorCode = Literal[
     "malformed",  # header not msgpack / wrong types / missing fields
@@ -66,6 +68,8 @@ ErrorCode = Literal[
     "duplicate_worker",
     "bad_version",  # a version that never existed / does not match the lease
     "shutting_down",
+    "unsupported_codec",  # Register names a codec this coordinator does not accept
+    "codec_mismatch",  # a Commit's codec is not the one its worker registered
 ]
 
 
@@ -84,27 +88,43 @@ class Message:
 
 @dataclass(frozen=True)
 class Register(Message):
-    """Join the job. ``info``: free-form scalars (host, pid, rank…)."""
+    """Join the job. ``info``: free-form scalars (host, pid, rank…). ``codec``: the
+    :mod:`chronos.communication.codecs` spec (``"identity"``, ``"int8"``, ``"topk:0.1"``…)
+    this worker's commits are encoded with and its delta checkouts are coded with; a
+    coordinator that cannot or will not use it answers ``ErrorReply(code="unsupported_codec")``.
+    """
 
     op: ClassVar[str] = "register"
     worker_id: str
     info: dict[str, Scalar] = field(default_factory=dict)
+    codec: str = "identity"
 
 
 @dataclass(frozen=True)
 class Checkout(Message):
     """Ask for the current outer params. ``have_version``: the version the worker already holds
-    (-1: none), so an unchanged state is answered ``not_modified`` without resending tensors."""
+    (-1: none), so an unchanged state is answered ``not_modified`` without resending tensors
+    and a changed one, for a worker with a lossy codec, as a coded delta. ``resync``: the
+    worker threw its copy away because a delta did not reproduce the coordinator's checksum
+    (sent with ``have_version=-1``; counted as a resync)."""
 
     op: ClassVar[str] = "checkout"
     worker_id: str
     have_version: int = -1
+    resync: bool = False
 
 
 @dataclass(frozen=True)
 class Commit(Message):
     """A hypergradient computed on ``version``. ``commit_id`` is unique per commit: a re-sent
-    commit with the same id is applied once."""
+    commit with the same id is applied once.
+
+    ``codec``: must be the codec the worker registered with (else ``codec_mismatch``). With
+    ``"identity"`` the hypergradient is λ-shaped (λ's keys, shapes, dtypes); with any other
+    codec it holds the encoded parts (``"key/part"`` names, see
+    :func:`chronos.communication.codecs.encode_dict`), which the coordinator decodes against
+    λ's shapes and dtypes before validating and applying the result. ``updates``: how many
+    hypergradients the payload sums (>= 1; several after local steps; recorded in stats)."""
 
     op: ClassVar[str] = "commit"
     tensor_field: ClassVar[str | None] = "hypergradient"
@@ -113,6 +133,8 @@ class Commit(Message):
     commit_id: str
     hypergradient: TensorDict
     metrics: dict[str, float] = field(default_factory=dict)
+    codec: str = "identity"
+    updates: int = 1
 
 
 @dataclass(frozen=True)
@@ -148,7 +170,16 @@ class Registered(Message):
 class CheckoutReply(Message):
     """``granted`` (with ``outer_params``), ``not_modified`` (granted, no tensors: the worker's
     copy is current) or ``deferred`` (the version window is full; a ``granted`` reply with the
-    same request id follows as soon as it allows)."""
+    same request id follows as soon as it allows).
+
+    A ``granted`` reply is ``kind="full"`` (``outer_params`` is λ itself) or ``kind="delta"``
+    (``outer_params`` holds the parts of ``λ_version − copy``, coded with the worker's
+    registered codec, where ``copy`` is the coordinator's record of the worker's λ at
+    ``base_version``, the worker's ``have_version``). The worker decodes the parts against its
+    copy's shapes and dtypes, computes ``copy + decoded`` in λ's dtype, and checks
+    :func:`~chronos.distributed.protocol.checksum` of the result against ``checksum``; on a
+    mismatch it discards its copy and checks out again with ``have_version=-1,
+    resync=True``. ``checksum`` is -1 (none) on full replies."""
 
     op: ClassVar[str] = "checkout_reply"
     tensor_field: ClassVar[str | None] = "outer_params"
@@ -156,6 +187,9 @@ class CheckoutReply(Message):
     version: int
     outer_params: TensorDict = field(default_factory=dict)
     reason: str = ""
+    kind: CheckoutKind = "full"
+    base_version: int = -1
+    checksum: int = -1
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Frame layout of one message (a ZeroMQ multipart message; the ROUTER identity frame, if any, is
 added and stripped by the transport, never seen here)::
 
-    frame 0      msgpack map, keys in sorted order:
-                   "op":      str, the message's op name (see ``messages.MESSAGE_TYPES``)
+    frame 0      msgpack map, "op" first, then the other keys in sorted order:
+                   "op":      str, the message's op name (see ``messages.MESSAGE_TYPES``);
+                              first so that :func:`peek_op` reads it without decoding
                    "pv":      int, ``PROTOCOL_VERSION``
                    "tensors": [[name, dtype, shape], ...]  (one entry per tensor frame)
                    <every other dataclass field>: int / float / str / bool / None, or a
@@ -56,7 +57,8 @@ import math
 import threading
 import types
 import typing
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -75,13 +77,17 @@ from chronos.distributed.messages import (
 
 __all__ = [
     "DTYPES",
+    "INVALID_OP",
     "DecodeError",
     "DecodeLimits",
     "EncodeError",
+    "apply_delta",
+    "checksum",
     "decode",
     "encode",
     "encoded_size",
     "error_reply",
+    "peek_op",
 ]
 
 FrameLike = Any
@@ -190,6 +196,16 @@ def _compile(tp: object) -> tuple[_Validator, str]:
             return v
 
         return v_int, "int"
+    if tp is bool:
+
+        def v_bool(v: object, where: str) -> object:
+            if type(v) is not bool:
+                raise _FieldError(
+                    "malformed", f"{where} must be bool, got {_type_name(v)} ({_short(v)})"
+                )
+            return v
+
+        return v_bool, "bool"
     if tp is float:
 
         def v_float(v: object, where: str) -> object:
@@ -279,7 +295,7 @@ class _Spec:
     # as it is: int and str, checked inline to spare the call)
     validators: tuple[tuple[str, str, _Validator, type | None], ...]
     keys: frozenset[str]  # exact header key set
-    header_template: dict[str, object]  # every header key in sorted order; op and pv filled
+    header_template: dict[str, object]  # "op", then every other key sorted; op and pv filled
     tensor_field: str | None
     plain: bool  # a plain dataclass (no __post_init__, has __dict__): decode may fill it directly
 
@@ -301,9 +317,13 @@ def _build_spec(cls: type[Message]) -> _Spec:
         dict_fields=dict_fields,
         validators=validators,
         keys=frozenset(names) | frozenset(_RESERVED),
-        header_template={
-            n: cls.op if n == "op" else PROTOCOL_VERSION if n == "pv" else None
-            for n in sorted((*names, *_RESERVED))
+        header_template={  # "op" first (see peek_op), then the rest in sorted order
+            "op": cls.op,
+            **{
+                n: PROTOCOL_VERSION if n == "pv" else None
+                for n in sorted((*names, *_RESERVED))
+                if n != "op"
+            },
         },
         tensor_field=cls.tensor_field,
         plain=not hasattr(cls, "__post_init__")
@@ -397,7 +417,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
             m, view = _tensor_frame(name, tensors[name], op)
             meta.append(m)
             frames.append(view)
-    header = spec.header_template.copy()  # keys in sorted order: a stable byte layout
+    header = spec.header_template.copy()  # a fixed key order: a stable byte layout
     header["tensors"] = meta
     for n in spec.scalar_fields:
         header[n] = getattr(msg, n)
@@ -414,6 +434,89 @@ def encode(msg: Message) -> list[bytes | memoryview]:
             "int / float / str / bool / None or str-keyed maps of those",
         ) from None
     return frames
+
+
+_OP_PREFIX = b"\xa2op"  # msgpack fixstr "op": the first key of every header we encode
+_OP_NAMES: dict[bytes, str] = {op.encode(): op for op in MESSAGE_TYPES}
+INVALID_OP = "invalid"
+"""What :func:`peek_op` calls a header that does not start with a known op."""
+
+
+def peek_op(header: FrameLike) -> str:
+    """The op name of an encoded message from its header frame, without decoding it: O(1).
+
+    Reads the first map key (``"op"``, first in every header :func:`encode` writes) and its
+    value; anything else (a foreign key order, garbage, an unknown op) is
+    :data:`INVALID_OP`, so the result is always one of a bounded set of names (what byte
+    accounting keys its counters by). Not a validation: :func:`decode` still checks it all.
+
+    >>> from chronos.distributed.messages import Heartbeat
+    >>> peek_op(encode(Heartbeat(request_id=1, worker_id="w"))[0]), peek_op(b"junk")
+    ('heartbeat', 'invalid')
+    """
+    try:
+        h = header if type(header) is bytes else bytes(memoryview(header)[:64])
+        b0 = h[0]
+        i = 1 if 0x80 <= b0 <= 0x8F else 3 if b0 == 0xDE else -1
+        if i < 0 or h[i : i + 3] != _OP_PREFIX:
+            return INVALID_OP
+        n = h[i + 3] - 0xA0
+        if not 0 <= n <= 31:
+            return INVALID_OP
+        return _OP_NAMES.get(h[i + 4 : i + 4 + n], INVALID_OP)
+    except (IndexError, TypeError, ValueError):
+        return INVALID_OP
+
+
+def checksum(tensors: Mapping[str, Tensor]) -> int:
+    """CRC-32 of ``tensors``: every name and the raw bytes of its (CPU, contiguous) tensor, in
+    sorted-name order. Equal dicts of equal dtypes give equal checksums on every machine this
+    wire format runs on (both little-endian); what delta checkouts use to prove that a
+    worker rebuilt exactly the coordinator's copy of λ.
+
+    >>> import torch
+    >>> checksum({"a": torch.ones(3)}) == checksum({"a": torch.ones(3)})
+    True
+    >>> checksum({"a": torch.ones(3)}) == checksum({"a": torch.ones(3, dtype=torch.float64)})
+    False
+    """
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if not t.is_cpu:
+            t = t.cpu()
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        crc = zlib.crc32(f"{name}\x00{t.dtype}\x00{list(t.shape)}\x00".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).numpy().data, crc)
+    return crc
+
+
+def apply_delta(copy: Mapping[str, Tensor], decoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``copy + decoded`` key by key, in ``copy``'s dtype, as new tensors (``copy`` is not
+    modified): the one operation both ends of a delta checkout run, so that their results
+    — and :func:`checksum` s — agree bit for bit (same inputs, same dtype, same CPU op).
+
+    Raises:
+        ProtocolError: the keys or a shape differ.
+    """
+    if copy.keys() != decoded.keys():
+        raise ProtocolError(
+            f"delta keys {sorted(decoded)} do not match the outer params' {sorted(copy)}"
+        )
+    out: dict[str, Tensor] = {}
+    for k in sorted(copy):
+        base = copy[k]
+        d = decoded[k]
+        if d.shape != base.shape:
+            raise ProtocolError(
+                f"delta {k!r} has shape {tuple(d.shape)}, the outer param {tuple(base.shape)}"
+            )
+        if d.dtype != base.dtype or d.device != base.device:
+            d = d.to(device=base.device, dtype=base.dtype)
+        out[k] = torch.add(base, d)
+    return out
 
 
 def encoded_size(frames: Sequence[FrameLike]) -> int:

@@ -64,6 +64,29 @@ Rules (DESIGN.md, "Semantics that must hold"):
   ``Registered`` again. ``handle(…, now)`` first does what
   ``tick(now)`` would do, so results never depend on how often the loop ticks; ``now`` is
   clamped to never run backwards.
+* **Codecs.** A worker names its codec in Register (``codec``, a
+  :func:`~chronos.communication.codecs.parse_codec` spec; default ``"identity"``). A spec that
+  does not parse, or is not in the ``codecs`` allow-list the state was built with (default:
+  every built-in), gets ``ErrorReply(code="unsupported_codec")`` and no registration. Its
+  commits must say the same codec (else ``codec_mismatch``); a non-identity commit carries the
+  encoded parts, decoded against λ's shapes and dtypes (malformed parts → ``bad_tensor``)
+  *before* the usual checks (keys, shapes, dtypes, finiteness) and staleness decision, so a
+  refused commit changes nothing. ``Commit.updates`` (hypergradients summed in the payload) is
+  added to ``hypergradients_accepted`` for accepted commits.
+* **Delta checkouts.** For a worker with a non-identity codec the state keeps ``copy_w``, its
+  record of the λ that worker holds, with the version it stands for. A checkout with
+  ``have_version`` equal to that version and at most ``max_delta_lag`` versions behind is
+  answered ``kind="delta"``: the parts of ``encode(λ − copy_w)`` in the worker's codec; then
+  ``copy_w ← copy_w + decode(parts)`` (:func:`~chronos.distributed.protocol.apply_delta`, the
+  very operation the worker runs) and the reply carries ``checksum(copy_w)``
+  (:func:`~chronos.distributed.protocol.checksum`). What a lossy code drops stays in
+  ``λ − copy_w`` and goes out with the next delta: the worker's error never accumulates.
+  Anything else (no copy, ``have_version`` -1 or not the recorded version, too far behind,
+  the identity codec — a dense delta is as big as λ itself) gets ``kind="full"``, and
+  ``copy_w`` becomes λ (shared, not copied: λ's tensors are never modified in place). Memory:
+  one λ-sized copy per worker that received a delta. A ``Checkout(resync=True)`` (a worker
+  whose checksum did not match) is counted in ``checkout_resyncs``; it carries
+  ``have_version=-1`` and so gets a full copy.
 * **Replies.** A ``granted`` checkout carries λ of its version as MetaState holds it: tensors
   never modified in place afterwards (every step installs new tensors: plain SGD computes them
   in the memory of the step's own gradient, other optimizers step separate leaves that are
@@ -112,15 +135,23 @@ import copy
 import math
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from chronos.communication.codecs import Codec, parse_codec
+from chronos.communication.feedback import decode_dict, encode_dict
 from chronos.core import tensordict as td
-from chronos.core.errors import ChronosTypeError, ConfigError, UnknownWorkerError, VersionError
+from chronos.core.errors import (
+    ChronosError,
+    ChronosTypeError,
+    ConfigError,
+    UnknownWorkerError,
+    VersionError,
+)
 from chronos.core.metastate import MetaState
 from chronos.core.tensordict import TensorDict
 from chronos.core.versioning import BoundedVersionQueue, CommitDecision, Lease
@@ -155,8 +186,12 @@ from chronos.distributed.messages import (
     Registered,
     ShutdownNotice,
 )
+from chronos.distributed.protocol import apply_delta, checksum
 
-__all__ = ["CoordinatorConfig", "CoordinatorState", "Outgoing"]
+__all__ = ["DEFAULT_MAX_DELTA_LAG", "CoordinatorConfig", "CoordinatorState", "Outgoing"]
+
+DEFAULT_MAX_DELTA_LAG = 8
+"""A worker more than this many versions behind gets a full λ instead of a delta."""
 
 _INBOUND = (Register, Checkout, Commit, Heartbeat, Deregister)
 
@@ -181,7 +216,7 @@ _COUNTERS = (
     "steps registrations deregistrations workers_expired leases_expired heartbeats checkouts "
     "checkouts_granted checkouts_not_modified checkouts_deferred deferred_granted "
     "checkouts_superseded commits_accepted commits_rejected commits_duplicate leases_cancelled "
-    "errors"
+    "errors checkouts_full checkouts_delta checkout_resyncs hypergradients_accepted"
 ).split()
 
 
@@ -191,12 +226,20 @@ class CoordinatorState:
     Args:
         outer_params: λ as tensors or numbers (copied; floating dtypes only).
         config: a :class:`CoordinatorConfig` (default: ``CoordinatorConfig()``).
+        codecs: the codec specs workers may register with (``None``: every spec
+            :func:`~chronos.communication.codecs.parse_codec` accepts); compared in canonical
+            form, so ``"topk:0.10"`` allows ``"topk:0.1"``. ``"identity"`` is always allowed.
+        max_delta_lag: the most versions a delta checkout may bridge (>= 1); further behind, a
+            worker gets a full λ.
     """
 
     def __init__(
         self,
         outer_params: Mapping[str, Tensor | float],
         config: CoordinatorConfig | None = None,
+        *,
+        codecs: Iterable[str] | None = None,
+        max_delta_lag: int = DEFAULT_MAX_DELTA_LAG,
     ) -> None:
         config = CoordinatorConfig() if config is None else config
         if not isinstance(config, CoordinatorConfig):
@@ -204,6 +247,15 @@ class CoordinatorState:
                 f"config must be a CoordinatorConfig, got {type(config).__name__}"
             )
         self.config = config
+        if isinstance(codecs, str):
+            raise ConfigError(f"codecs must be a list of codec specs, got the str {codecs!r}")
+        self._allowed_codecs: frozenset[str] | None = (
+            None if codecs is None
+            else frozenset({"identity", *(parse_codec(c).spec for c in codecs)})
+        )
+        if not is_int(max_delta_lag) or max_delta_lag < 1:
+            raise ConfigError(f"max_delta_lag must be an int >= 1, got {max_delta_lag!r}")
+        self.max_delta_lag = max_delta_lag
         self._optimizer_spec, self._lr = config.outer_optimizer()
         self._plain_sgd = self._optimizer_spec == "sgd"
         self._meta = MetaState(outer_params)
@@ -244,8 +296,11 @@ class CoordinatorState:
         self._next_expiry = math.inf
         self._pending: dict[str, _Pending] = {}
         self._lease_rids: dict[str, int] = {}  # worker id -> request id of its granting checkout
-        # worker id -> (request id, info) of the Register that registered it
-        self._registered_by: dict[str, tuple[int, dict[str, Any]]] = {}
+        # worker id -> (request id, info, codec) of the Register that registered it
+        self._registered_by: dict[str, tuple[int, dict[str, Any], str]] = {}
+        self._codecs: dict[str, Codec] = {}  # worker id -> its codec (non-identity only)
+        # worker id -> (version, copy_w): what a delta-checkout worker holds (module docstring)
+        self._copies: dict[str, tuple[int, TensorDict]] = {}
         self._agg = empty_aggregate()
         self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
         self._started = False  # sync: num_workers were alive together at some point
@@ -297,7 +352,11 @@ class CoordinatorState:
         ``errors_by_code``; ``registrations``, ``deregistrations``, ``workers_expired``,
         ``leases_expired``, ``leases_cancelled`` (too stale to be accepted; worker told),
         ``heartbeats``, ``workers_alive``, ``leases``, ``buffered_commits`` (accepted, waiting
-        for the next step) and ``min_commits`` (commits the next async step needs now)."""
+        for the next step) and ``min_commits`` (commits the next async step needs now);
+        ``checkouts_full`` / ``checkouts_delta`` (granted with tensors, to workers with a
+        non-identity codec), ``checkout_resyncs``, ``hypergradients_accepted`` (Σ
+        ``Commit.updates`` over accepted commits), ``worker_codecs`` (worker → codec spec, for
+        non-identity codecs) and ``delta_copies`` (λ copies kept for delta checkouts)."""
         return {
             "mode": self.config.mode,
             "version": self.version,
@@ -310,6 +369,8 @@ class CoordinatorState:
             "buffered_commits": self._agg.count,
             "leases": len(self._queue.leases),
             "min_commits": self._min_commits(),
+            "worker_codecs": {w: c.spec for w, c in self._codecs.items()},
+            "delta_copies": len(self._copies),
         }
 
     # -- events -----------------------------------------------------------------------------
@@ -390,7 +451,8 @@ class CoordinatorState:
         wid = msg.worker_id
         if self._done:
             return self._error(wid, rid, "shutting_down", self._done_reason())
-        if wid in self._workers and self._registered_by.get(wid) == (rid, msg.info):
+        spec = msg.codec
+        if wid in self._workers and self._registered_by.get(wid) == (rid, msg.info, spec):
             # a re-sent copy of the Register that registered this worker (its reply was slow
             # or lost): answer it again instead of calling the worker its own duplicate
             self._touch(wid, now)
@@ -401,13 +463,37 @@ class CoordinatorState:
                 "Deregister first (an expired or deregistered id may register again)"
             )
             return self._error(wid, rid, "duplicate_worker", why)
+        codec = self._parse_worker_codec(spec)
+        if isinstance(codec, str):
+            return self._error(wid, rid, "unsupported_codec", codec)
         self._workers[wid] = now
-        self._registered_by[wid] = (rid, dict(msg.info))
+        self._registered_by[wid] = (rid, dict(msg.info), spec)
+        self._copies.pop(wid, None)
+        if codec.spec == "identity":
+            self._codecs.pop(wid, None)
+        else:
+            self._codecs[wid] = codec
         self._next_expiry = min(self._next_expiry, now + self.config.lease_timeout)
         self._counters["registrations"] += 1
         if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
             self._started = True
         return [Outgoing(wid, self._registered(wid, rid))]
+
+    def _parse_worker_codec(self, spec: object) -> Codec | str:
+        """The codec a Register names, or why it is refused (a str)."""
+        if not isinstance(spec, str):
+            return f"codec must be a codec spec str, got {spec!r}"
+        try:
+            codec = parse_codec(spec)
+        except ChronosError as e:
+            return f"codec {spec!r} is not a valid codec spec: {e}"
+        allowed = self._allowed_codecs
+        if allowed is not None and codec.spec not in allowed:
+            return (
+                f"codec {codec.spec!r} is not accepted by this coordinator (accepted: "
+                f"{', '.join(sorted(allowed))}); register with one of those"
+            )
+        return codec
 
     def _registered(self, wid: str, rid: int) -> Registered:
         return Registered(
@@ -423,6 +509,8 @@ class CoordinatorState:
             return self._error(wid, rid, "malformed", f"have_version must be an int, got {have!r}")
         self._touch(wid, now)
         self._counters["checkouts"] += 1
+        if msg.resync is True:
+            self._counters["checkout_resyncs"] += 1
         if self._pending.pop(wid, None) is not None:
             self._counters["checkouts_superseded"] += 1
         if self.config.mode == "sync" and wid in self._committed:
@@ -454,7 +542,14 @@ class CoordinatorState:
             self._counters["commits_duplicate"] += 1
             decision = CommitDecision(True, staleness, weight, "already applied; not applied again")
             return [self._commit_reply(wid, rid, cid, "duplicate", decision)]
-        problem = check_hypergradient(self._meta.outer_params, msg.hypergradient)
+        updates = msg.updates
+        if not is_int(updates) or updates < 1:
+            return self._error(wid, rid, "malformed", f"updates must be an int >= 1, got "
+                               f"{updates!r}")
+        grad = self._decode_commit(wid, msg)
+        if isinstance(grad, tuple):
+            return self._error(wid, rid, grad[0], grad[1])
+        problem = check_hypergradient(self._meta.outer_params, grad)
         if problem is not None:
             return self._error(wid, rid, problem[0], problem[1])
         try:
@@ -472,13 +567,14 @@ class CoordinatorState:
             self._remember(cid, decision)
             self._agg = add_commit(
                 self._agg,
-                msg.hypergradient,
+                grad,
                 decision.staleness,
                 decision.weight,
                 msg.metrics if isinstance(msg.metrics, Mapping) else None,
                 take=owned,  # a fresh commit's tensors then need no copy
             )
             self._counters["commits_accepted"] += 1
+            self._counters["hypergradients_accepted"] += updates
             s = decision.staleness
             self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
             if self.config.mode == "sync":
@@ -488,6 +584,36 @@ class CoordinatorState:
         after.extend(self._after_change(now))
         status: CommitStatus = "accepted" if decision.accepted else "rejected"
         return [self._commit_reply(wid, rid, cid, status, decision), *after]
+
+    def _decode_commit(self, wid: str, msg: Commit) -> TensorDict | tuple[ErrorCode, str]:
+        """The λ-shaped hypergradient of ``msg`` (decoded with the worker's codec), or the
+        error to reply with: a codec other than the registered one, or parts that do not
+        decode against λ's shapes and dtypes."""
+        codec = self._codecs.get(wid)
+        spec = "identity" if codec is None else codec.spec
+        said = msg.codec
+        if said != spec:
+            try:
+                same = isinstance(said, str) and parse_codec(said).spec == spec
+            except ChronosError:
+                same = False
+            if not same:
+                return "codec_mismatch", (
+                    f"commit encoded with codec {said!r}, but worker {wid!r} registered codec "
+                    f"{spec!r}; encode commits with the registered codec (or register again)"
+                )
+        if codec is None:
+            return msg.hypergradient
+        parts = msg.hypergradient
+        if not isinstance(parts, Mapping):
+            return "bad_tensor", f"hypergradient must be a dict of tensors, got {type(parts)}"
+        try:
+            return decode_dict(codec, dict(parts), self._meta.outer_params)
+        except Exception as e:  # ChronosError for malformed parts; anything else is one too
+            return "bad_tensor", (
+                f"cannot decode the {spec!r}-encoded hypergradient against the outer params "
+                f"(keys {sorted(self._meta.outer_params)}): {type(e).__name__}: {e}"
+            )[:1000]
 
     # -- internals --------------------------------------------------------------------------
 
@@ -530,6 +656,8 @@ class CoordinatorState:
         self._pending.pop(wid, None)
         self._lease_rids.pop(wid, None)
         self._registered_by.pop(wid, None)
+        self._codecs.pop(wid, None)
+        self._copies.pop(wid, None)
         self._drop_from_queue(wid)
 
     def _drop_from_queue(self, wid: str) -> None:
@@ -554,13 +682,46 @@ class CoordinatorState:
             self._counters["checkouts_not_modified"] += 1
             reply = CheckoutReply(request_id=rid, status="not_modified", version=self.version)
         else:
-            reply = CheckoutReply(
-                request_id=rid,
-                status="granted",
-                version=self.version,
-                outer_params=self._params_for_reply(),
-            )
+            reply = self._granted_reply(wid, rid, have)
         return Outgoing(wid, reply)
+
+    def _granted_reply(self, wid: str, rid: int, have: int) -> CheckoutReply:
+        """λ in full, or (a worker with a lossy codec whose copy we know) a coded delta; see
+        "Delta checkouts" in the module docstring."""
+        version = self.version
+        codec = self._codecs.get(wid)
+        if codec is not None:
+            record = self._copies.get(wid)
+            if record is not None and have >= 0 and record[0] == have and (
+                0 < version - have <= self.max_delta_lag
+            ):
+                lam = self._meta.outer_params
+                base = record[1]
+                try:
+                    parts = encode_dict(codec, {k: torch.sub(v, base[k]) for k, v in lam.items()})
+                    held = apply_delta(base, decode_dict(codec, parts, lam))
+                except ChronosError:  # cannot code this delta (e.g. non-finite): send it all
+                    pass
+                else:
+                    self._copies[wid] = (version, held)
+                    self._counters["checkouts_delta"] += 1
+                    return CheckoutReply(
+                        request_id=rid,
+                        status="granted",
+                        version=version,
+                        outer_params=parts,
+                        kind="delta",
+                        base_version=have,
+                        checksum=checksum(held),
+                    )
+            self._copies[wid] = (version, self._params_for_reply())
+            self._counters["checkouts_full"] += 1
+        return CheckoutReply(
+            request_id=rid,
+            status="granted",
+            version=version,
+            outer_params=self._params_for_reply(),
+        )
 
     def _sweep(self, now: float) -> list[Outgoing]:
         """Expire workers silent for ``lease_timeout`` and stray leases; then re-decide.

@@ -5,7 +5,13 @@ A :class:`ServerTransport` (ROUTER, the coordinator) binds; a :class:`ClientTran
 frames mean) and count what they move: ``bytes_sent`` / ``bytes_received`` are the sums of the
 message frames' lengths (the ROUTER's routing-identity frame is local bookkeeping, never
 counted), ``messages_sent`` / ``messages_received`` the number of messages. So a client's
-``bytes_sent`` equals the server's ``bytes_received`` for the same traffic.
+``bytes_sent`` equals the server's ``bytes_received`` for the same traffic. The same figures
+are kept per op name (read from the header with :func:`.protocol.peek_op`, O(1); a message
+without a known op is counted as ``"invalid"``) in a
+:class:`~chronos.communication.accounting.ByteCounter` for the channel ``"zmq"``:
+:meth:`bytes_by_op` (``{op: {"sent", "received", "messages_sent", "messages_received"}}``),
+whose sums are the totals. A client can be handed a counter that outlives it
+(``ClientTransport(counter=...)``), so a worker's per-op figures survive reconnects.
 
 ``send_message`` / ``recv_message`` (methods, and module-level functions) wrap
 :func:`.protocol.encode` / :func:`.protocol.decode`.
@@ -61,14 +67,17 @@ from typing import Any, cast
 import zmq
 import zmq.auth.thread
 
+from chronos.communication.accounting import ByteCounter
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed.messages import Message
 from chronos.distributed.protocol import (
     DEFAULT_LIMITS,
+    INVALID_OP,
     DecodeError,
     DecodeLimits,
     decode,
     encode,
+    peek_op,
 )
 
 __all__ = [
@@ -191,10 +200,16 @@ def _cleanup(
 
 
 class _Transport:
-    def __init__(self, socket_type: int, limits: DecodeLimits) -> None:
+    def __init__(
+        self, socket_type: int, limits: DecodeLimits, counter: ByteCounter | None = None
+    ) -> None:
         if not isinstance(limits, DecodeLimits):
             raise ConfigError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+        if counter is not None and not isinstance(counter, ByteCounter):
+            raise ConfigError(f"counter must be a ByteCounter, got {type(counter).__name__}")
         self.limits = limits
+        self.ops: ByteCounter = ByteCounter("zmq") if counter is None else counter
+        """Per-op counters (channel ``"zmq"``); see :meth:`bytes_by_op`."""
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
@@ -246,6 +261,13 @@ class _Transport:
             "messages_received": self.messages_received,
             "messages_dropped": self.messages_dropped,
         }
+
+    def bytes_by_op(self) -> dict[str, dict[str, int]]:
+        """Bytes and messages sent / received per op name (a snapshot; safe from any thread):
+        ``{op: {"sent", "received", "messages_sent", "messages_received"}}``. Summed over ops
+        they equal :meth:`stats`' totals (for a client given a shared ``counter``: the totals
+        of every transport that used it)."""
+        return self.ops.by_op()
 
     def _try_recv(self, first_copy: int) -> Frames | None:
         """One multipart message if one is queued, else ``None`` (never blocks). The first
@@ -403,8 +425,10 @@ class ServerTransport(_Transport):
 
     def _count(self, parts: Frames) -> tuple[bytes, Frames]:
         frames = parts[1:]
+        n = _received_nbytes(frames)
         self.messages_received += 1
-        self.bytes_received += _received_nbytes(frames)
+        self.bytes_received += n
+        self.ops.received(peek_op(frames[0]) if frames else INVALID_OP, n)
         return parts[0], frames
 
     def send(self, identity: bytes, frames: Sequence[Any]) -> bool:
@@ -425,8 +449,10 @@ class ServerTransport(_Transport):
         last = len(frames) - 1
         for i, f in enumerate(frames):
             sock.send(f, _NOBLOCK_MORE if i < last else zmq.NOBLOCK, copy=False)
+        n = _nbytes(frames)
         self.messages_sent += 1
-        self.bytes_sent += _nbytes(frames)
+        self.bytes_sent += n
+        self.ops.sent(peek_op(frames[0]) if frames else INVALID_OP, n)
         return True
 
     def send_message(self, identity: bytes, msg: Message) -> bool:
@@ -465,6 +491,8 @@ class ClientTransport(_Transport):
         curve: CURVE keys, required if the server uses CURVE.
         reconnect_ivl_ms: first reconnect delay; doubles up to ``reconnect_ivl_max_ms``.
         limits: size bounds for decoding (also sets ``MAXMSGSIZE``).
+        counter: the per-op :class:`~chronos.communication.accounting.ByteCounter` to add to
+            (default: a new one); pass the same one to a replacement socket to keep counting.
 
     Connecting does not wait for the server: messages sent before it is up are queued.
     """
@@ -477,6 +505,7 @@ class ClientTransport(_Transport):
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
         limits: DecodeLimits = DEFAULT_LIMITS,
+        counter: ByteCounter | None = None,
     ) -> None:
         if not isinstance(address, str) or not address.startswith("tcp://"):
             raise ConfigError(f"address must look like 'tcp://host:port', got {address!r}")
@@ -496,7 +525,7 @@ class ClientTransport(_Transport):
             )
         if curve is not None and not isinstance(curve, CurveClientConfig):
             raise ConfigError(f"curve must be a CurveClientConfig, got {type(curve).__name__}")
-        super().__init__(zmq.DEALER, limits)
+        super().__init__(zmq.DEALER, limits, counter)
         try:
             sock = self._sock
             sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ivl_ms)
@@ -531,8 +560,10 @@ class ClientTransport(_Transport):
         except zmq.Again:
             self.messages_dropped += 1
             return False
+        n = _nbytes(frames)
         self.messages_sent += 1
-        self.bytes_sent += _nbytes(frames)
+        self.bytes_sent += n
+        self.ops.sent(peek_op(frames[0]) if frames else INVALID_OP, n)
         return True
 
     def recv(self, timeout_ms: int | None = 0) -> Frames | None:
@@ -542,8 +573,10 @@ class ClientTransport(_Transport):
         frames = self._recv_within(timeout_ms, first_copy=1)
         if frames is None:
             return None
+        n = _received_nbytes(frames)
         self.messages_received += 1
-        self.bytes_received += _received_nbytes(frames)
+        self.bytes_received += n
+        self.ops.received(peek_op(frames[0]) if frames else INVALID_OP, n)
         return frames
 
     def send_message(self, msg: Message) -> bool:

@@ -13,12 +13,52 @@ lease stays alive however long an inner solve runs. The compute thread (the call
 2. ``inner_problem.solve(λ)`` (warm-started from the previous θ), then the hypergradient on the
    worker's own data: implicit (CG by default, warm-started from the previous linear-system
    solution) or unrolled.
-3. Optional significance filter (``significance_threshold > 0``): a hypergradient whose
-   ‖g + r‖/‖λ‖ is at or below the threshold is held back in the error-feedback residual ``r``
-   and sent, with later ones, once the sum is significant; ``Σ sent + r = Σ computed`` always
-   (see :meth:`Worker.error_feedback`).
+3. Optional significance filter (``significance_threshold > 0``, see "Local outer steps"
+   below): a hypergradient whose accumulated update is not significant is held back in the
+   error-feedback residual ``r`` and the worker takes a local outer step instead of pausing.
 4. ``Commit(version, hypergradient, commit_id)``. The commit id is unique per commit (worker id,
    a random per-instance nonce, a counter), so a re-send is applied once.
+
+Local outer steps (the significance filter; DESIGN.md "A skip is a local step, not a pause"):
+
+* **Gradient space.** A commit carries a *sum of hypergradients* ``Σ g`` (the residual ``r``);
+  the coordinator applies its own optimizer to it, with the usual weight ``decay**s``. So,
+  exactly, Σ (payloads the coordinator accepted) + Σ (residuals left on workers) =
+  Σ (all hypergradients computed).
+* **Local point.** The worker keeps ``λ_local``. At a checkout that brings a new version it is
+  re-based on the coordinator's λ: ``λ_local = λ_v − η·r`` (the coordinator's state plus this
+  worker's own steps not sent yet; ``λ_v`` itself when ``r = 0``). After every hypergradient it
+  steps ``λ_local ← λ_local − η·g`` (plain SGD), sent or not, so the next solve (warm-started)
+  runs at a new point: nothing is recomputed at the same λ, even when the version did not move.
+* **Step size η.** ``WorkerConfig.local_lr`` if given; else the coordinator's ``outer_lr`` if it
+  announces ``optimizer="sgd"`` at registration (then a local step is the step the coordinator
+  would take); else measured: ``η = mean(‖λ_{v'} − λ_v‖ / (v' − v)) / mean(‖g‖)`` over the last
+  8 version changes seen at checkouts and the last 8 hypergradients. A local step then moves
+  λ_local about as far as one coordinator step, whatever the optimizer (Adam moves λ by ~lr
+  per coordinate whatever ‖g‖, so no fixed ratio of λ-step to ‖g‖ exists) and whatever the
+  hypergradients' scale; means over a window keep one odd step or tiny gradient from blowing η
+  up, and the direction of a step stays that of ``g``. Until a step has been measured η is
+  unknown: every hypergradient is then sent (bootstrap; the first accepted commit moves λ).
+* **When to send.** Significance in parameter space:
+  ``‖η·r‖ / (‖λ_local‖ + scale) > threshold`` with ``scale`` the mean per-version step above
+  (``η·mean ‖g‖`` before one was measured), so λ = 0 is not special: near λ = 0 the yardstick
+  is the coordinator's own step. At the latest after ``max_skip`` consecutive held-back rounds
+  the residual is sent whatever its significance (default 8), so no threshold can stall a
+  worker. ``target_rate`` adapts the threshold.
+* **Staleness of an accumulated commit.** The commit carries the version of the *latest*
+  checkout (the lease this round holds), so its staleness is measured from the latest
+  checkout and ``decay**s`` weighs the whole sum. The coordinator only accepts commits against
+  a lease the worker holds, and cancels leases that fell more than ``max_staleness`` behind; a
+  commit on the oldest contribution's version would be refused or rejected after a few
+  held-back rounds, losing up to ``max_skip`` rounds of work. The latest version is also the
+  honest one here: every re-base moves λ_local onto the coordinator's current λ (plus this
+  worker's unsent steps), so the held-back hypergradients were computed along a trajectory
+  that tracks the latest checkout, not the version it started from.
+* **Error feedback survives rejection.** The payload leaves the residual only when the
+  coordinator acknowledges it (``accepted``, or ``duplicate`` of an accepted commit). A
+  rejected, refused (error reply) or unacknowledged (stopped, failed) commit goes back into
+  the residual and is sent later. :meth:`Worker.error_feedback` counts as ``sent`` the accepted
+  payloads only, so ``sent + residual == computed`` holds at every point.
 
 Failure handling:
 
@@ -31,7 +71,8 @@ Failure handling:
   exponential backoff until ``connect_timeout``, then raise :class:`ChronosError`. After a
   re-registration the cached λ is dropped (a restarted coordinator may reuse version numbers)
   and a commit the new coordinator cannot place (``bad_version``) is dropped and counted in
-  ``commits_refused``, not fatal.
+  ``commits_refused``, not fatal (with the significance filter on, its payload goes back into
+  the error-feedback residual and is sent again later).
 * **Duplicate worker id**: if the id is taken before this worker ever registered, the worker
   refuses to start (two live workers cannot share an id); if it is our own earlier registration
   (a lost reply), the worker takes it over.
@@ -67,6 +108,8 @@ from typing import Any
 
 import torch
 
+from chronos.communication.codecs import Codec, parse_codec
+from chronos.communication.feedback import compress, decode_dict
 from chronos.communication.significance import SignificanceConfig, SignificanceFilter
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
@@ -85,7 +128,8 @@ from chronos.distributed.messages import (
     Registered,
     ShutdownNotice,
 )
-from chronos.distributed.worker_config import WorkerConfig, default_tol, is_int
+from chronos.distributed.protocol import apply_delta, checksum
+from chronos.distributed.worker_config import WorkerConfig, default_tol, is_int, is_number
 from chronos.distributed.worker_link import WorkerLink
 from chronos.solver import implicit_hypergradient, unrolled_hypergradient
 
@@ -95,6 +139,7 @@ log = logging.getLogger("chronos.worker")
 
 _POLL_S = 0.05  # how often a waiting compute thread re-checks stop / liveness
 _REFUSED_COMMIT_CODES = ("bad_version", "non_finite")  # drop the commit, keep working
+_WINDOW = 8  # measurements behind the measured local step size (see the module docstring)
 
 
 class WorkerStopped(ChronosError):
@@ -170,14 +215,30 @@ class Worker:
         self._registered_once = False
         self._outer: TensorDict | None = None  # cached λ (None: ask for a full copy)
         self._version = -1
+        # commits and delta checkouts are coded with this (announced in Register)
+        self._wire_codec: Codec = parse_codec(getattr(self.config, "codec", "identity"))
         self._theta: TensorDict | None = None
         self._solution: TensorDict | None = None
+        cfg = self.config
         self._filter = (
-            SignificanceFilter(SignificanceConfig(threshold=self.config.significance_threshold))
-            if self.config.significance_threshold > 0 else None
+            SignificanceFilter(SignificanceConfig(
+                threshold=cfg.significance_threshold, target_rate=cfg.target_rate,
+                max_skip=cfg.max_skip,
+            ))
+            # a lossy codec needs the residual too (threshold 0: every round is sent)
+            if cfg.significance_threshold > 0 or not self._wire_codec.lossless else None
         )
         self._computed_sum: TensorDict | None = None  # error-feedback bookkeeping (filter on)
-        self._sent_sum: TensorDict | None = None
+        self._sent_sum: TensorDict | None = None  # Σ payloads the coordinator accepted
+        # local outer steps (filter on): λ_local, the checkout it was re-based on, and the
+        # measurements behind the measured step size (see the module docstring)
+        self._local: TensorDict | None = None
+        self._base: TensorDict | None = None
+        self._base_key: tuple[int, int] | None = None  # (registration, version) of _base
+        self._step_norms: deque[float] = deque(maxlen=_WINDOW)  # coordinator ‖Δλ‖ per version
+        self._grad_norms: deque[float] = deque(maxlen=_WINDOW)  # ‖g‖ of our hypergradients
+        self._announced: dict[str, Any] = {}  # Registered.config of the latest registration
+        self._in_flight: TensorDict | None = None  # a commit's payload awaiting its answer
         self._commit_seq = itertools.count(1)
         self._solve_callback = self._accepts_callback(inner_problem)
         self._unroll_momentum = unroll_momentum(inner_problem, self.config)
@@ -197,6 +258,8 @@ class Worker:
         self._lease_watch: contextlib.ExitStack | None = None
         self._lease_replies: queue.Queue[Message] | None = None
         self._stats["leases_cancelled"] = 0
+        self._stats["checkouts_delta"] = 0  # granted as a coded delta of the cached λ
+        self._stats["checkout_resyncs"] = 0  # a delta that did not check out: full copy asked
 
     @staticmethod
     def _accepts_callback(problem: InnerProblem) -> bool:
@@ -248,31 +311,46 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         """Counters of this worker: iterations; commits sent / accepted / rejected /
         duplicate (a re-send answered for an earlier accept) / refused (an error reply, dropped)
         / skipped (held back by the significance filter); checkouts (deferred, not modified);
         registrations, reconnects, resends; bytes and messages on the wire, heartbeats;
-        timings; ``version`` (of the cached λ) and ``residual_norm``."""
-        out = dict(self._stats)
+        timings; ``version`` (of the cached λ) and ``residual_norm``; with the filter on also
+        ``commits_forced`` (sent because of ``max_skip`` or before a step size was known),
+        ``commits_restored`` (payloads put back into the residual: rejected, refused,
+        unacknowledged) and ``local_lr`` (the current local step size; nan: not known yet)."""
+        out: dict[str, Any] = dict(self._stats)
         if self._net is not None:
             out.update(self._net.counters)
             out["coordinator_version"] = self._net.coordinator_version
+            out["bytes_by_op"] = self._net.ops.by_op()  # op -> sent/received/messages_*
+        out["codec"] = self._wire_codec.spec
         out["version"] = self._version
         out["residual_norm"] = 0.0 if self._filter is None else float(self._filter.residual_norm)
+        if self._filter is not None:
+            fs = self._filter.stats()
+            out["commits_forced"], out["commits_restored"] = fs["forced"], fs["restored"]
+            lr = self._local_lr()
+            out["local_lr"] = math.nan if lr is None else lr
         return out
 
     def error_feedback(self) -> dict[str, TensorDict]:
         """With the significance filter on: ``computed`` (Σ of every hypergradient computed),
-        ``sent`` (Σ of what went out in commits) and ``residual`` (held back). Always
-        ``sent + residual == computed`` (up to float rounding). Empty dicts before the first
-        hypergradient or with the filter off."""
+        ``sent`` (Σ of the payloads the coordinator *accepted*: a rejected, refused or
+        unacknowledged commit went back into the residual) and ``residual`` (not delivered
+        yet). Always ``sent + residual == computed`` (up to float rounding). Empty dicts before
+        the first hypergradient or with the filter off."""
         if self._filter is None or self._computed_sum is None or self._sent_sum is None:
             return {"computed": {}, "sent": {}, "residual": {}}
+        residual = self._filter.residual
+        in_flight = self._in_flight  # not acknowledged yet: still ours
+        if in_flight is not None:
+            residual = td.add(residual, in_flight)
         return {"computed": td.clone(self._computed_sum), "sent": td.clone(self._sent_sum),
-                "residual": self._filter.residual}
+                "residual": residual}
 
-    def run(self, max_iterations: int | None = None) -> dict[str, float]:
+    def run(self, max_iterations: int | None = None) -> dict[str, Any]:
         """Loop until shut down, stopped, or ``max_iterations`` iterations were done (an
         iteration whose commit the significance filter held back counts).
 
@@ -287,12 +365,32 @@ class Worker:
             while max_iterations is None or self._stats["iterations"] < max_iterations:
                 self._check()
                 self.step()
+            self.flush()
         except WorkerStopped as e:
             self.stop_reason = str(e)
             log.info("%s: stopping: %s", self.worker_id, e)
         finally:
             self.close()
         return self.stats()
+
+    def flush(self) -> CommitReply | None:
+        """Commit what the error-feedback residual still holds (a checkout for a lease, then
+        one commit), e.g. before leaving; ``None`` when there is nothing to send. :meth:`run`
+        calls it after ``max_iterations`` rounds. A commit that does not get through goes
+        back into the residual, as always."""
+        if self._filter is None or not self._filter.residual \
+                or float(self._filter.residual_norm) == 0.0:
+            return None
+        count = self._filter.held
+        version, _ = self._checkout()
+        try:
+            due = self._filter.flush()
+            if due is None:
+                return None
+            self._stats["commits_flushed"] = self._stats.get("commits_flushed", 0) + 1
+            return self._commit(version, due, {}, updates=max(1, count))
+        finally:
+            self._unwatch_lease()
 
     # -- one iteration -----------------------------------------------------------------------
 
@@ -312,6 +410,8 @@ class Worker:
 
     def _iteration(self) -> CommitReply | None:
         version, outer = self._checkout()
+        if self._filter is not None:
+            outer = self._local_point(version, outer)  # λ_local: where this round solves
         cfg = self.config
         t0 = time.perf_counter()
         init = self._theta if (cfg.warm_start and self._theta is not None) else None
@@ -342,16 +442,106 @@ class Worker:
                         self.worker_id, version)
             return None
         if self._filter is not None:
-            grad = td.detach(grad)
-            if self._computed_sum is None or self._sent_sum is None:
-                self._computed_sum, self._sent_sum = td.zeros_like(grad), td.zeros_like(grad)
-            self._computed_sum = td.add(self._computed_sum, grad)
-            held = self._filter.update(grad, outer)
-            if held is None:
-                self._stats["commits_skipped"] += 1
-                return None
-            grad = held
+            return self._filtered_commit(version, outer, grad, metrics)
         return self._commit(version, grad, metrics)
+
+    # -- local outer steps (significance filter on) ------------------------------------------
+
+    def _local_lr(self) -> float | None:
+        """η of the local outer steps: ``local_lr``, else the coordinator's announced SGD step,
+        else measured (mean per-version step / mean ‖g‖); ``None`` while unknown."""
+        if self.config.local_lr is not None:
+            return float(self.config.local_lr)
+        ann = self._announced
+        lr = ann.get("outer_lr")
+        if ann.get("optimizer") == "sgd" and is_number(lr) and lr > 0:
+            return float(lr)
+        if not self._step_norms or not self._grad_norms:
+            return None
+        gbar = sum(self._grad_norms) / len(self._grad_norms)
+        step = sum(self._step_norms) / len(self._step_norms)
+        eta = step / gbar if gbar > 0 else 0.0
+        return eta if eta > 0 and math.isfinite(eta) else None
+
+    def _scale(self, lr: float | None) -> float:
+        """The yardstick added to ‖λ‖: the mean per-version coordinator step, else one local
+        step of mean length (0 while neither is known)."""
+        if self._step_norms:
+            return sum(self._step_norms) / len(self._step_norms)
+        if lr is None or not self._grad_norms:
+            return 0.0
+        return lr * sum(self._grad_norms) / len(self._grad_norms)
+
+    def _local_point(self, version: int, outer: TensorDict) -> TensorDict:
+        """λ_local for this round. A checkout that brings a new version (or a new
+        registration) re-bases it: ``λ_v − η·r``; the coordinator's step per version since the
+        previous base (same registration) is measured on the way."""
+        key = (int(self._stats["registrations"]), version)
+        if key != self._base_key or self._local is None:
+            base = td.clone(outer)
+            old, old_key = self._base, self._base_key
+            if old is not None and old_key is not None and old_key[0] == key[0] \
+                    and version > old_key[1]:
+                step = float(td.norm(td.sub(base, old))) / (version - old_key[1])
+                if math.isfinite(step):
+                    self._step_norms.append(step)
+            self._base, self._base_key = base, key
+            lr = self._local_lr()
+            residual = self._filter.residual if self._filter is not None else {}
+            if lr is None or not residual:
+                self._local = base
+            else:
+                self._local = td.sub(base, td.scale(residual, lr))
+        return self._local
+
+    def _filtered_commit(self, version: int, point: TensorDict, grad: TensorDict,
+                         metrics: dict[str, float]) -> CommitReply | None:
+        """Error feedback, the local step, and the send decision for one hypergradient ``grad``
+        computed at ``point`` (= λ_local); commits the residual if it is due."""
+        assert self._filter is not None
+        grad = td.detach(grad)
+        if self._computed_sum is None or self._sent_sum is None:
+            self._computed_sum, self._sent_sum = td.zeros_like(grad), td.zeros_like(grad)
+        self._computed_sum = td.add(self._computed_sum, grad)
+        self._grad_norms.append(float(td.norm(grad)))
+        lr = self._local_lr()
+        count = self._filter.held + 1  # hypergradients in the sum if it is sent now
+        # no step size yet: no yardstick either (significance 0), so the send is forced
+        due = self._filter.update(grad, point, step_size=0.0 if lr is None else lr,
+                                  scale=self._scale(lr), force=lr is None)
+        if lr is not None:  # the local outer step, sent or not: the next solve is elsewhere
+            self._local = td.sub(point, td.scale(grad, lr))
+        if due is None:
+            self._stats["commits_skipped"] += 1
+            return None
+        return self._commit(version, due, metrics, updates=count)
+
+    def _finalize_payload(self, update: TensorDict) -> tuple[TensorDict, TensorDict]:
+        """The ONE place where the dense accumulated update (a sum of hypergradients) becomes
+        the commit: ``(parts to send, payload)``. The payload is what the coordinator applies
+        if it accepts: the update itself with a lossless codec, else the codec's decoded
+        reconstruction, whose error ``update − payload`` goes straight back into the residual
+        (the codec's error feedback). The payload itself leaves the residual only when the
+        coordinator acknowledges it (see :meth:`_settle`)."""
+        codec = self._wire_codec
+        if codec.lossless:
+            payload = {k: v.detach().contiguous() for k, v in update.items()}
+            return payload, payload
+        packed = compress(codec, update)
+        if self._filter is not None:
+            self._filter.restore(packed.residual)
+        return packed.parts, packed.decoded
+
+    def _settle(self, payload: TensorDict, delivered: bool) -> None:
+        """Book a finished commit attempt: an accepted payload counts as sent; any other
+        outcome (rejected, refused, unacknowledged) puts it back into the residual."""
+        self._in_flight = None
+        if self._filter is None or self._sent_sum is None:
+            return
+        if delivered:
+            self._sent_sum = td.add(self._sent_sum, payload)
+        else:
+            self._filter.restore(payload)
 
     def _interrupt_solve(self, step: int, loss: float) -> None:
         if self._stop.is_set():
@@ -490,11 +680,14 @@ class Worker:
             first = sent = time.monotonic()
             deferred = False
             while True:
-                self._check()
-                try:
-                    reply = replies.get(timeout=_POLL_S)
+                try:  # a reply already here wins over a stop (e.g. an accept before a shutdown)
+                    reply = replies.get_nowait()
                 except queue.Empty:
-                    reply = None
+                    self._check()
+                    try:
+                        reply = replies.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        reply = None
                 if reply is not None:
                     if checkout and isinstance(reply, CheckoutReply) and \
                             reply.status == "deferred":
@@ -536,7 +729,8 @@ class Worker:
                                 "nonce": self._nonce}
         takeovers = 0
         while True:
-            msg = Register(request_id=net.next_id(), worker_id=self.worker_id, info=info)
+            msg = Register(request_id=net.next_id(), worker_id=self.worker_id, info=info,
+                           codec=self._wire_codec.spec)
             sends = 0
             reply: Message | None = None
             with net.waiting(msg.request_id) as replies:
@@ -554,6 +748,7 @@ class Worker:
                             )
                         wait = min(wait * 2, cfg.request_timeout)
             if isinstance(reply, Registered):
+                self._announced = dict(reply.config)  # e.g. outer_lr/optimizer: local steps
                 break
             if isinstance(reply, ShutdownNotice):
                 raise WorkerStopped(self._stop_why())
@@ -593,14 +788,22 @@ class Worker:
                 continue
 
     def _checkout(self) -> tuple[int, TensorDict]:
-        for _ in range(2):
+        """Check out λ: ``(version, λ)``. A ``delta`` reply is decoded with this worker's codec
+        and added to the cached copy (:func:`~.protocol.apply_delta`, exactly what the
+        coordinator did to its record of our copy); unless the result's checksum equals the
+        reply's, the copy is dropped (a warning, ``checkout_resyncs``) and a full copy is asked
+        for with ``Checkout(have_version=-1, resync=True)``: a wrong λ is never used."""
+        resync = False
+
+        def make(rid: int) -> Checkout:  # rebuilt after a re-registration (the cache is gone)
+            cached = self._outer is not None
+            return Checkout(request_id=rid, worker_id=self.worker_id,
+                            have_version=self._version if cached else -1,
+                            resync=resync and not cached)
+
+        for _ in range(4):
             have = self._version if self._outer is not None else -1
-            reply = self._call(
-                lambda rid: Checkout(request_id=rid, worker_id=self.worker_id,
-                                     have_version=self._version if self._outer is not None
-                                     else -1),
-                checkout=True,
-            )
+            reply = self._call(make, checkout=True)
             if not isinstance(reply, CheckoutReply):
                 raise ChronosError(f"checkout refused: {_describe(reply)}")
             self._stats["checkouts"] += 1
@@ -610,6 +813,14 @@ class Worker:
                     self._outer = None
                     continue
                 self._stats["checkouts_not_modified"] += 1
+            elif reply.kind == "delta":
+                held = self._apply_delta(reply)
+                if held is None:
+                    self._outer, resync = None, True
+                    self._stats["checkout_resyncs"] += 1
+                    continue
+                self._outer = held
+                self._stats["checkouts_delta"] += 1
             else:
                 self._outer = {k: v.detach().clone() for k, v in reply.outer_params.items()}
             self._version = reply.version
@@ -617,22 +828,53 @@ class Worker:
             if self._net is not None:
                 self._watch_lease(self._net, reply.request_id)
             return reply.version, self._outer
-        raise ChronosError("the coordinator answered 'not_modified' to a checkout without a "
-                           "cached version; this is a coordinator bug")
+        raise ChronosError("the coordinator kept answering checkouts with versions this worker "
+                           "cannot use ('not_modified' without a cached copy, or deltas that "
+                           "do not match their checksum); this is a coordinator bug")
 
-    def _commit(self, version: int, grad: TensorDict,
-                metrics: dict[str, float]) -> CommitReply | None:
+    def _apply_delta(self, reply: CheckoutReply) -> TensorDict | None:
+        """Our cached λ plus the reply's decoded delta, or ``None`` (logged) if the delta is not
+        for our copy, does not decode, or does not reproduce the coordinator's checksum."""
+        base = self._outer
+        if base is None or reply.base_version != self._version:
+            why = (f"it is based on version {reply.base_version}, this worker holds "
+                   f"{self._version if base is not None else 'none'}")
+        else:
+            try:
+                held = apply_delta(base, decode_dict(self._wire_codec, reply.outer_params, base))
+            except ChronosError as e:
+                why = f"it does not decode with codec {self._wire_codec.spec!r}: {e}"
+            else:
+                got = checksum(held)
+                if got == reply.checksum:
+                    return held
+                why = f"checksum {got} != the coordinator's {reply.checksum}"
+        log.warning("%s: delta checkout of version %d not applied (%s); asking for a full copy",
+                    self.worker_id, reply.version, why)
+        return None
+
+    def _commit(self, version: int, grad: TensorDict, metrics: dict[str, float],
+                updates: int = 1) -> CommitReply | None:
+        """Commit ``grad`` (a sum of ``updates`` hypergradients) on ``version``, coded with
+        this worker's codec (:meth:`_finalize_payload`)."""
         commit_id = f"{self.worker_id}-{self._nonce}-{next(self._commit_seq)}"
-        payload = {k: v.detach().contiguous() for k, v in grad.items()}
+        parts, payload = self._finalize_payload(grad)
+        codec = self._wire_codec.spec
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         net = self._check()
         self._stats["commits_sent"] += 1
-        if self._sent_sum is not None:
-            self._sent_sum = td.add(self._sent_sum, payload)
-        reply = self._call(lambda rid: Commit(
-            request_id=rid, worker_id=self.worker_id, version=version, commit_id=commit_id,
-            hypergradient=payload, metrics=clean,
-        ), net=net)
+        delivered = False
+        self._in_flight = payload if self._filter is not None else None
+        try:
+            reply = self._call(lambda rid: Commit(
+                request_id=rid, worker_id=self.worker_id, version=version, commit_id=commit_id,
+                hypergradient=parts, metrics=clean, codec=codec, updates=max(1, updates),
+            ), net=net)
+            # duplicate: this commit id was applied earlier (an earlier copy's reply was lost)
+            delivered = isinstance(reply, CommitReply) and reply.status in ("accepted",
+                                                                            "duplicate")
+        finally:
+            self._settle(payload, delivered)  # error feedback: undelivered goes back
         if isinstance(reply, CommitReply):
             self.commit_log.append(reply)
             key = {"accepted": "commits_accepted", "rejected": "commits_rejected",
@@ -644,9 +886,11 @@ class Worker:
             return reply
         if isinstance(reply, ErrorReply) and reply.code in _REFUSED_COMMIT_CODES:
             # e.g. computed on a version of a coordinator that has since restarted: drop it
+            # (with the filter on, _settle put its payload back into the residual)
             self._stats["commits_refused"] += 1
-            log.warning("%s: commit on version %d refused and dropped: %s", self.worker_id,
-                        version, _describe(reply))
+            fate = "kept in the residual" if self._filter is not None else "dropped"
+            log.warning("%s: commit on version %d refused (%s): %s", self.worker_id, version,
+                        fate, _describe(reply))
             return None
         if isinstance(reply, ErrorReply) and reply.code == "bad_tensor":
             raise ChronosError(

@@ -20,7 +20,8 @@ from typing import Literal, TypeGuard
 
 import torch
 
-from chronos.core.errors import ConfigError
+from chronos.communication.codecs import parse_codec
+from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed.transport import CurveClientConfig
 from chronos.solver import METHODS
 
@@ -68,8 +69,24 @@ class WorkerConfig:
             from the solution (truncated back-propagation at the optimum).
         warm_start: start each inner solve from the previous θ and each linear solve from the
             previous solution.
-        significance_threshold: hold back hypergradients with ‖g‖/‖λ‖ at or below this in an
-            error-feedback residual (0: send every one).
+        significance_threshold: hold back hypergradients whose accumulated update is not
+            significant in parameter space, ‖η·r‖ / (‖λ_local‖ + scale) <= threshold (``r``:
+            the error-feedback residual of hypergradients not yet sent, ``η``: the local step
+            size, ``scale``: a running mean of the coordinator's per-version step); a worker
+            that holds back takes a local outer step λ_local ← λ_local − η·g and solves there
+            next (see :mod:`chronos.distributed.worker`). 0 (the default): off, every
+            hypergradient is sent.
+        target_rate: with the filter on, adapt the threshold so that about this fraction of
+            hypergradients is sent (in (0, 1]; None: fixed threshold).
+        max_skip: with the filter on, send at the latest after this many consecutive
+            held-back rounds (an int >= 1; default 8: at least one commit every 9 rounds).
+        local_lr: step size η of the local outer steps (> 0). None (default): the
+            coordinator's own step size if it announces SGD at registration, otherwise
+            measured: η = mean ‖λ_{v+1} − λ_v‖ per version / mean ‖g‖ over the last few
+            checkouts and hypergradients, i.e. a local step moves λ_local about as far as one
+            coordinator step (see :mod:`chronos.distributed.worker`).
+        codec: how a commit's payload is compressed (``"identity"``: dense; see
+            :func:`chronos.communication.codecs.parse_codec`).
         heartbeat_interval: seconds between heartbeats (default: the coordinator's).
         request_timeout: seconds without a reply before a request is re-sent; the coordinator
             counts as gone after ``max(request_timeout, 3 × heartbeat_interval)`` of silence.
@@ -93,6 +110,10 @@ class WorkerConfig:
     truncate: int | None = None
     warm_start: bool = True
     significance_threshold: float = 0.0
+    target_rate: float | None = None
+    max_skip: int = 8
+    local_lr: float | None = None
+    codec: str = "identity"
     heartbeat_interval: float | None = None
     request_timeout: float = 10.0
     connect_timeout: float = 60.0
@@ -128,6 +149,17 @@ class WorkerConfig:
         self._check_int("unroll_steps", self.unroll_steps, minimum=1, allow_none=True)
         self._check_int("truncate", self.truncate, minimum=1, allow_none=True)
         self._check_int("num_threads", self.num_threads, minimum=1, allow_none=True)
+        self._check_int("max_skip", self.max_skip, minimum=1)
+        rate = self.target_rate
+        if rate is not None and not (is_number(rate) and 0.0 < rate <= 1.0):
+            raise ConfigError(
+                f"target_rate must be a number in (0, 1] (the fraction of hypergradients to "
+                f"send) or None, got {rate!r}"
+            )
+        if self.local_lr is not None:
+            self._check_number("local_lr", self.local_lr, minimum=0.0, strict=True,
+                               unit=" (or None: the coordinator's step, measured)")
+        self._check_codec()
         if self.tol is not None:
             self._check_number("tol", self.tol, minimum=0.0)
         for name in ("damping", "significance_threshold", "straggler_delay"):
@@ -156,6 +188,15 @@ class WorkerConfig:
             raise ConfigError(
                 f"curve must be a CurveClientConfig or None, got {type(self.curve).__name__}"
             )
+
+    def _check_codec(self) -> None:
+        codec = self.codec
+        if not isinstance(codec, str) or not codec:
+            raise ConfigError(f"codec must be a codec spec such as 'identity', got {codec!r}")
+        try:
+            parse_codec(codec)
+        except ChronosError as e:
+            raise ConfigError(f"codec: {e}") from None
 
     @staticmethod
     def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from chronos.communication.accounting import ByteCounter
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed.messages import (
     Deregister,
@@ -88,6 +89,7 @@ class WorkerLink:
     """The network thread: owns the DEALER socket, routes replies by request id, heartbeats.
 
     Shared with the compute thread (plain attributes, each written by one side only):
+    ``ops`` (per-op byte counters over every socket, read with ``ops.by_op()``),
     ``last_heard`` (monotonic time of the last message from the coordinator), ``beating``,
     ``registration_lost`` (an ``unknown_worker`` reply to a heartbeat sent after our latest
     registration), ``shutdown`` / ``shutdown_reason``, ``error`` (the thread crashed).
@@ -134,6 +136,8 @@ class WorkerLink:
         self._register_began = -math.inf
         self._register_logged = -math.inf
         self._closed_totals = {k: 0 for k in _TRANSPORT_COUNTERS}
+        # per-op bytes / messages of every socket this link opened (each one adds to it)
+        self.ops = ByteCounter("zmq")
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
         self.ready = threading.Event()
@@ -192,7 +196,7 @@ class WorkerLink:
 
     def _open(self) -> ClientTransport:
         transport = ClientTransport(self.address, identity=self.worker_id.encode("utf-8"),
-                                    curve=self.curve)
+                                    curve=self.curve, counter=self.ops)
         self.counters["sockets_opened"] += 1
         return transport
 

@@ -66,3 +66,23 @@ def test_scaling_rows_report_applied_fractions_with_the_64_client_target():
     assert by_what["Computed hypergradients applied, 4 equally fast clients, defaults"][1] == (
         "not run")
     assert any(r[1] == "10.0%" for r in rows)
+
+
+def test_communication_rows_judge_hyper_cleaning_on_bytes_and_accuracy():
+    from chronos.benchmarks.report import communication_rows
+
+    def row(name: str, ratio: float, diff: float) -> dict:
+        return {"row": name, "bytes_ratio": ratio, "accuracy_diff_points": diff}
+
+    rows = communication_rows({"problems": {
+        "hyper-cleaning": {"rows": [row("dense", 1.0, 0.0), row("filter", 0.15, -0.3),
+                                    row("codec", 0.1, -0.9)]},
+        "digits weight decay": {"rows": [row("dense", 1.0, 0.0), row("filter", 0.5, 0.1)]},
+    }})
+    met = {r[0]: (r[1], r[3]) for r in rows}
+    assert met["Bytes on the wire filter / dense, hyper-cleaning (test accuracy difference)"] \
+        == ("0.150 (-0.30 points)", "yes")
+    assert met["Bytes on the wire codec / dense, hyper-cleaning (test accuracy difference)"][1] \
+        == "**no**"  # bytes fine, accuracy 0.9 points off
+    assert met["Bytes on the wire filter / dense, digits weight decay (test accuracy "
+               "difference)"][1] == "—"

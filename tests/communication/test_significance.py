@@ -79,8 +79,60 @@ def test_adaptive_threshold_tracks_target_rate():
 @pytest.mark.parametrize(
     "kwargs",
     [{"threshold": -1.0}, {"threshold": math.inf}, {"eps": 0.0}, {"target_rate": 0.0},
-     {"target_rate": 1.5}, {"gain": 0.0}, {"min_threshold": 2.0, "max_threshold": 1.0}],
+     {"target_rate": 1.5}, {"gain": 0.0}, {"min_threshold": 2.0, "max_threshold": 1.0},
+     {"max_skip": 0}, {"max_skip": True}],
 )
 def test_bad_config(kwargs):
     with pytest.raises(ConfigError):
         SignificanceConfig(**kwargs)
+
+
+def test_significance_in_parameter_space_with_a_scale():
+    d = {"a": torch.tensor([3.0, 4.0])}  # ‖Δ‖ = 5
+    zero = {"a": torch.zeros(2)}
+    assert significance(d, zero, step_size=0.1, scale=1.0) == pytest.approx(0.5)
+    assert significance(d, {"a": torch.tensor([0.0, 9.0])}, step_size=0.1,
+                        scale=1.0) == pytest.approx(0.05)
+    # θ = 0 with a yardstick: a small update is held back, not sent at infinite significance
+    f = SignificanceFilter(SignificanceConfig(threshold=0.01))
+    assert f.update({"a": torch.full((2,), 1e-3)}, zero, step_size=1.0, scale=1.0) is None
+
+
+def test_max_skip_bounds_consecutive_holds_and_counts_forced_sends():
+    f = SignificanceFilter(SignificanceConfig(threshold=1e9, max_skip=2))
+    params = {"w": torch.ones(3)}
+    outs = [f.update({"w": torch.ones(3)}, params) for _ in range(7)]
+    assert [o is not None for o in outs] == [False, False, True, False, False, True, False]
+    assert torch.equal(outs[2]["w"], torch.full((3,), 3.0))
+    s = f.stats()
+    assert s["sent"] == 2 and s["forced"] == 2 and s["skipped"] == 5 and f.held == 1
+    assert f.update({"w": torch.ones(3)}, params, force=True) is not None  # forced at once
+    with pytest.raises(ConfigError, match="max_skip"):
+        SignificanceConfig(max_skip=0)
+
+
+@given(
+    deltas=st.lists(
+        st.tuples(st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=3, max_size=3),
+                  st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    threshold=st.sampled_from([0.0, 0.1, 2.0]),
+)
+def test_invariant_holds_when_sends_are_refused_and_restored(deltas, threshold):
+    """``sent`` counts only delivered payloads; a refused one goes back into the residual."""
+    f = SignificanceFilter(SignificanceConfig(threshold=threshold, max_skip=3))
+    params = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)}
+    total = torch.zeros(3, dtype=torch.float64)
+    delivered = torch.zeros(3, dtype=torch.float64)
+    for d, accepted in deltas:
+        delta = {"w": torch.tensor(d, dtype=torch.float64)}
+        total += delta["w"]
+        out = f.update(delta, params, step_size=0.5, scale=0.1)
+        if out is not None:
+            if accepted:
+                delivered += out["w"]
+            else:
+                f.restore(out)
+        assert torch.allclose(delivered + f.residual["w"], total, atol=1e-12)

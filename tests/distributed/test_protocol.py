@@ -126,6 +126,31 @@ def all_messages() -> list[Message]:
         ShutdownNotice(request_id=0, reason="done"),
         ShutdownNotice(request_id=0),
         LeaseCancelled(request_id=2, version=3, current_version=8, reason="too stale"),
+        # codecs and delta checkouts (appended: tests above index into this list)
+        Commit(
+            request_id=3,
+            worker_id="w0",
+            version=4,
+            commit_id="c8",
+            hypergradient={
+                "wd/indices": torch.tensor([0, 4], dtype=torch.int32),
+                "wd/values": torch.tensor([1, -2], dtype=torch.int8),
+                "wd/scale": torch.tensor(0.5),
+            },
+            codec="topk:0.3+int8",
+            updates=3,
+        ),
+        Register(request_id=1, worker_id="w1", codec="int8:stochastic"),
+        Checkout(request_id=2, worker_id="w0", have_version=-1, resync=True),
+        CheckoutReply(
+            request_id=2,
+            status="granted",
+            version=5,
+            outer_params={"wd/values": torch.zeros(6, dtype=torch.int8), "wd/scale": t["lr"]},
+            kind="delta",
+            base_version=3,
+            checksum=2**32 - 1,
+        ),
     ]
 
 
@@ -154,11 +179,11 @@ def test_round_trip_every_dtype_and_shape(dname: str, shape: tuple[int, ...]) ->
     assert_same(msg, decode(frames))
 
 
-def test_header_has_version_op_and_sorted_keys() -> None:
+def test_header_has_version_op_first_and_sorted_keys() -> None:
     msg = all_messages()[3]
     header, _ = header_of(msg)
     assert header["pv"] == PROTOCOL_VERSION and header["op"] == "commit"
-    assert list(header) == sorted(header)
+    assert list(header) == ["op", *sorted(k for k in header if k != "op")]
     assert [t[0] for t in header["tensors"]] == ["lr", "wd"]  # sorted tensor order
     assert [bytes(f) for f in encode(msg)] == [bytes(f) for f in encode(msg)]  # stable
 
@@ -530,3 +555,47 @@ def test_decode_limits_validate() -> None:
         DecodeLimits(max_frames=0)
     with pytest.raises(ConfigError):
         DecodeLimits(max_total_bytes=1.5)  # type: ignore[arg-type]
+
+
+# -- op peeking and checksums (byte accounting, delta checkouts) --------------------------------
+
+
+@pytest.mark.parametrize("msg", all_messages(), ids=lambda m: type(m).__name__)
+def test_peek_op_reads_the_op_of_every_message(msg: Message) -> None:
+    from chronos.distributed.protocol import peek_op
+
+    frames = encode(msg)
+    assert peek_op(frames[0]) == type(msg).op
+    assert peek_op(bytes(frames[0])) == type(msg).op
+    assert peek_op(memoryview(bytes(frames[0]))) == type(msg).op
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\x80", b"\x81\xa2op", b"\x81\xa2op\xa3xyz", b"\x81\xa2pv\x01", b"\x92\x01\x02",
+     msgpack.packb({"pv": 1, "op": "commit"}), msgpack.packb({"op": "x" * 40}), b"\xde"],
+)
+def test_peek_op_never_raises_and_bounds_names(frame: bytes) -> None:
+    from chronos.distributed.protocol import INVALID_OP, peek_op
+
+    assert peek_op(frame) == INVALID_OP
+
+
+def test_checksum_and_apply_delta() -> None:
+    from chronos.distributed.protocol import apply_delta, checksum
+
+    a = {"x": torch.arange(4, dtype=torch.float32), "b": torch.tensor(1.5, dtype=torch.bfloat16)}
+    d = {"x": torch.full((4,), 0.25, dtype=torch.float64), "b": torch.tensor(0.5)}
+    out = apply_delta(a, d)
+    assert out["x"].dtype == torch.float32 and out["b"].dtype == torch.bfloat16
+    assert out["x"].tolist() == [0.25, 1.25, 2.25, 3.25] and float(out["b"]) == 2.0
+    assert a["x"].tolist() == [0.0, 1.0, 2.0, 3.0]  # not modified
+    assert checksum(out) == checksum({k: v.clone() for k, v in out.items()})
+    changed = dict(out, x=out["x"].clone())
+    changed["x"][2] = torch.nextafter(changed["x"][2], torch.tensor(9.0))  # one ulp
+    assert checksum(changed) != checksum(out)
+    assert checksum({"y": out["x"]}) != checksum({"x": out["x"]})  # names count
+    with pytest.raises(ProtocolError):
+        apply_delta(a, {"x": d["x"]})
+    with pytest.raises(ProtocolError):
+        apply_delta({"x": a["x"]}, {"x": torch.zeros(1)})  # would broadcast: refused

@@ -190,7 +190,8 @@ def test_register_replies_with_version_and_worker_config() -> None:
     d = driver()
     reply = only(d.register("w0"), Registered)
     assert (reply.worker_id, reply.version) == ("w0", 0)
-    assert reply.config == {"heartbeat_interval": 1.0, "lease_timeout": T, "mode": "async"}
+    assert reply.config == {"heartbeat_interval": 1.0, "lease_timeout": T, "mode": "async",
+                            "optimizer": "sgd", "outer_lr": d.s.config.outer_optimizer()[1]}
     assert d.s.workers == ("w0",) and d.s.stats()["workers_alive"] == 1
 
 
