@@ -32,6 +32,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -65,14 +66,29 @@ def _int_at_least(low: int, what: str) -> Any:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
+def _float_type(accept: Callable[[float], bool], rule: str, what: str = "") -> Any:
+    """An argparse type: a float for which ``accept`` holds, else ``"{what} must be {rule}"``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not accept(value):
+            name = f"{what} " if what else ""
+            raise argparse.ArgumentTypeError(f"{name}must be {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = what or "number"
+    return parse
+
+
+def _is_positive(v: float) -> bool:
+    return 0 < v < math.inf
+
+
+_positive_float = _float_type(_is_positive, "a number of seconds > 0")
+_positive_step = _float_type(_is_positive, "a number > 0")
 
 
 def _min_commits(text: str) -> int | str:
@@ -166,7 +182,7 @@ def _coordinator_args(
                    help="outer optimizer (default: the problem's default_outer_optimizer if it "
                         f"has a default_outer_lr, else {defaults.OUTER_OPTIMIZER})")
     lrs = ", ".join(f"{k} {v:g}" for k, v in defaults.OUTER_LR.items())
-    p.add_argument("--outer-lr", type=_positive_float, default=None,
+    p.add_argument("--outer-lr", type=_positive_step, default=None,
                    help="outer step size (default: the problem's default_outer_lr with its own "
                         f"optimizer, else per optimizer: {lrs})")
     p.add_argument("--min-commits", type=_min_commits, default=defaults.MIN_COMMITS,
@@ -189,22 +205,24 @@ def _worker_solve_args(p: argparse.ArgumentParser) -> None:
                    help="inner solver steps (default: the problem's)")
     p.add_argument("--hypergradient", choices=["implicit", "unrolled"], default="implicit",
                    help="how workers differentiate through the inner solve")
-    p.add_argument("--unroll-lr", type=_positive_float, default=None,
+    p.add_argument("--unroll-lr", type=_positive_step, default=None,
                    help="with --hypergradient unrolled: unroll plain gradient descent of this "
                         "step from the solution (default: replay the problem's own SGD/momentum "
                         "solve; needed for problems solved by L-BFGS or Adam)")
-    p.add_argument("--significance-threshold", type=_fraction_or_more("significance_threshold"),
-                   default=0.0,
+    p.add_argument("--significance-threshold", default=0.0,
+                   type=_float_type(lambda v: 0 <= v < math.inf, "a number >= 0",
+                                    "significance_threshold"),
                    help="hold hypergradients back (taking local outer steps, error feedback) "
                         "until the accumulated step ||η·r|| / (||λ|| + scale) exceeds this; "
                         "0 sends every one")
-    p.add_argument("--target-rate", type=_rate, default=None,
+    p.add_argument("--target-rate", default=None,
+                   type=_float_type(lambda v: 0 < v <= 1, "in (0, 1]", "target_rate"),
                    help="adapt the threshold so about this fraction of rounds is sent "
                         "(default: fixed threshold)")
     p.add_argument("--max-skip", type=_int_at_least(1, "max_skip"), default=None,
                    help="send at the latest after this many held-back rounds (default: "
                         "WorkerConfig's, 8)")
-    p.add_argument("--local-lr", type=_positive_float, default=None,
+    p.add_argument("--local-lr", type=_positive_step, default=None,
                    help="step size of the local outer steps (default: the coordinator's SGD "
                         "step, else measured from its steps)")
     p.add_argument("--codec", default="identity",
@@ -219,29 +237,6 @@ def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
     return out
-
-
-def _fraction_or_more(what: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not 0 <= value < math.inf:
-            raise argparse.ArgumentTypeError(f"{what} must be a number >= 0, got {text!r}")
-        return value
-
-    return parse
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"target_rate must be in (0, 1], got {text!r}")
-    return value
 
 
 def run_main(argv: list[str] | None = None) -> int:
