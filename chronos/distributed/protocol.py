@@ -186,26 +186,17 @@ def _type_name(v: object) -> str:
 
 def _compile(tp: object) -> tuple[_Validator, str]:
     """A validator for values of type ``tp`` (exact types: a bool is not an int) + its name."""
-    if tp is int:
+    if tp is int or tp is bool:
+        name = tp.__name__
 
-        def v_int(v: object, where: str) -> object:
-            if type(v) is not int:
+        def v_exact(v: object, where: str) -> object:
+            if type(v) is not tp:
                 raise _FieldError(
-                    "malformed", f"{where} must be int, got {_type_name(v)} ({_short(v)})"
+                    "malformed", f"{where} must be {name}, got {_type_name(v)} ({_short(v)})"
                 )
             return v
 
-        return v_int, "int"
-    if tp is bool:
-
-        def v_bool(v: object, where: str) -> object:
-            if type(v) is not bool:
-                raise _FieldError(
-                    "malformed", f"{where} must be bool, got {_type_name(v)} ({_short(v)})"
-                )
-            return v
-
-        return v_bool, "bool"
+        return v_exact, name
     if tp is float:
 
         def v_float(v: object, where: str) -> object:

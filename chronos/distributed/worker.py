@@ -378,8 +378,7 @@ class Worker:
         one commit), e.g. before leaving; ``None`` when there is nothing to send. :meth:`run`
         calls it after ``max_iterations`` rounds. A commit that does not get through goes
         back into the residual, as always."""
-        if self._filter is None or not self._filter.residual \
-                or float(self._filter.residual_norm) == 0.0:
+        if self._filter is None or float(self._filter.residual_norm) == 0.0:
             return None
         count = self._filter.held
         version, _ = self._checkout()

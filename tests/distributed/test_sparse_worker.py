@@ -96,22 +96,6 @@ def coordinators() -> Iterator[Callable[..., Coordinator]]:
         c.stop()
 
 
-@pytest.fixture
-def workers() -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def make(problem: InnerProblem, address: str, **kwargs: Any) -> Worker:
-        kwargs.setdefault("request_timeout", 2.0)
-        kwargs.setdefault("connect_timeout", 10.0)
-        w = Worker(problem, WorkerConfig(coordinator_addr=address, **kwargs))
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
-
-
 def run_all(ws: list[Worker], iterations: int, timeout: float = 30.0) -> None:
     """Run every worker for ``iterations`` in its own thread; fail if one does not finish."""
     errors: list[BaseException] = []

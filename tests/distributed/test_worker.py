@@ -172,22 +172,6 @@ def coordinator_factory() -> Iterator[Callable[..., Coordinator]]:
         c.stop()
 
 
-@pytest.fixture
-def workers() -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def make(problem: InnerProblem, address: str, **kwargs: Any) -> Worker:
-        kwargs.setdefault("request_timeout", 2.0)
-        kwargs.setdefault("connect_timeout", 10.0)
-        w = Worker(problem, WorkerConfig(coordinator_addr=address, **kwargs))
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
-
-
 class RawClient:
     """A hand-driven worker: one DEALER socket, one request at a time."""
 
