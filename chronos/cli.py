@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, str] = {
     "protocol": "chronos.benchmarks.protocol",
     "scaling": "chronos.benchmarks.scaling",
     "communication": "chronos.benchmarks.communication",
+    "continuum": "chronos.benchmarks.continuum",
     "report": "chronos.benchmarks.report",
 }
 

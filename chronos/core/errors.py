@@ -58,6 +58,10 @@ class ProtocolError(ChronosError, ValueError):
     """A message violates the wire protocol (malformed, oversize, unknown op, bad tensor)."""
 
 
+class CorruptFileError(ChronosError, ValueError):
+    """A file Chronos reads is not in its format, is truncated, or fails its checksum."""
+
+
 class ChronosWarning(UserWarning):
     """Base class of Chronos warnings (e.g. a linear solve that did not converge)."""
 

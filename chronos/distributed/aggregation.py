@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from chronos.continuum.timescale import MultiTimescaleConfig, MultiTimescaleOptimizer
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosTypeError, ChronosWarning, ConfigError
 from chronos.core.problem import OptimizerSpec, make_optimizer
@@ -116,9 +117,11 @@ class CoordinatorConfig:
         outer_lr: learning rate of a named outer optimizer (> 0), or ``None``: the optimizer's
             default from :data:`~chronos.distributed.defaults.OUTER_LR`.
         optimizer: ``"sgd"``, ``"momentum"``, ``"adam"``, a factory
-            ``params -> torch.optim.Optimizer`` (then ``outer_lr`` is not used), or ``None``:
-            :data:`~chronos.distributed.defaults.OUTER_OPTIMIZER` (Adam). The resolved pair is
-            :meth:`outer_optimizer`; the fields keep what was given, so
+            ``params -> torch.optim.Optimizer`` (then ``outer_lr`` is not used), a
+            :class:`~chronos.continuum.MultiTimescaleConfig` (each group of λ updated at its
+            own frequency with its own optimizer and step size; ``outer_lr`` not used), or
+            ``None``: :data:`~chronos.distributed.defaults.OUTER_OPTIMIZER` (Adam). The
+            resolved pair is :meth:`outer_optimizer`; the fields keep what was given, so
             ``dataclasses.replace(cfg, optimizer="sgd")`` gets SGD's own default step size.
         min_commits: accepted commits aggregated per async outer step: an int >= 1, or
             ``"auto"`` (the default): ``ceil(live / 2)`` for ``live`` registered, alive
@@ -129,6 +132,9 @@ class CoordinatorConfig:
             leave: buffered commits step as soon as the smaller count is reached.
         max_steps: the job is done after this many outer steps (>= 1, or ``None``: never).
         dedupe_window: how many accepted commit ids are remembered for idempotence (>= 1).
+        stale_correction: correct a stale commit to the current λ with its worker's history,
+            ``g + J_w (λ_V − λ_v)``, and count it with weight 1 instead of ``decay ** s``
+            (:mod:`chronos.distributed.correction`; async mode only). Off by default.
 
     Example:
         >>> cfg = CoordinatorConfig()
@@ -152,10 +158,11 @@ class CoordinatorConfig:
     lease_timeout: float = defaults.LEASE_TIMEOUT
     heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
     outer_lr: float | None = None
-    optimizer: OptimizerSpec | None = None
+    optimizer: OptimizerSpec | MultiTimescaleConfig | None = None
     min_commits: int | Literal["auto"] = defaults.MIN_COMMITS
     max_steps: int | None = None
     dedupe_window: int = 10_000
+    stale_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("async", "sync"):
@@ -192,12 +199,13 @@ class CoordinatorConfig:
         if (
             self.optimizer is not None
             and not callable(self.optimizer)
+            and not isinstance(self.optimizer, MultiTimescaleConfig)
             and self.optimizer not in OUTER_OPTIMIZERS
         ):
             raise ConfigError(
                 f"optimizer must be one of {OUTER_OPTIMIZERS}, a callable "
-                f"params -> torch.optim.Optimizer, or None (default {defaults.OUTER_OPTIMIZER!r}),"
-                f" got {self.optimizer!r}"
+                f"params -> torch.optim.Optimizer, a MultiTimescaleConfig, or None (default "
+                f"{defaults.OUTER_OPTIMIZER!r}), got {self.optimizer!r}"
             )
         if self.min_commits != "auto" and (not is_int(self.min_commits) or self.min_commits < 1):
             raise ConfigError(
@@ -208,6 +216,10 @@ class CoordinatorConfig:
             raise ConfigError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
         if not is_int(self.dedupe_window) or self.dedupe_window < 1:
             raise ConfigError(f"dedupe_window must be an int >= 1, got {self.dedupe_window!r}")
+        if not isinstance(self.stale_correction, bool):
+            raise ConfigError(
+                f"stale_correction must be True or False, got {self.stale_correction!r}"
+            )
         if self.mode == "async" and self.max_in_flight > self.max_staleness:
             warnings.warn(
                 f"max_in_flight={self.max_in_flight} > max_staleness={self.max_staleness}: "
@@ -221,7 +233,7 @@ class CoordinatorConfig:
                 stacklevel=_user_stacklevel(),
             )
 
-    def outer_optimizer(self) -> tuple[OptimizerSpec, float]:
+    def outer_optimizer(self) -> tuple[OptimizerSpec | MultiTimescaleConfig, float]:
         """``(optimizer, outer_lr)`` this config runs with, defaults resolved
         (:func:`~chronos.distributed.defaults.resolve_outer_optimizer`)."""
         spec, lr = defaults.resolve_outer_optimizer(self.optimizer, self.outer_lr)
@@ -521,11 +533,23 @@ def sync_barrier_ready(
 
 
 def build_outer_optimizer(
-    spec: OptimizerSpec, params: list[Tensor], lr: float
+    spec: OptimizerSpec | MultiTimescaleConfig,
+    params: list[Tensor],
+    lr: float,
+    names: Sequence[str] | None = None,
 ) -> torch.optim.Optimizer:
     """The outer optimizer over ``params`` (leaf tensors): ``"sgd"``, ``"momentum"``,
-    ``"adam"`` or a factory ``params -> torch.optim.Optimizer`` that must optimize exactly the
-    tensors it is given."""
+    ``"adam"``, a factory ``params -> torch.optim.Optimizer`` that must optimize exactly the
+    tensors it is given, or a :class:`~chronos.continuum.MultiTimescaleConfig`: then a
+    :class:`~chronos.continuum.MultiTimescaleOptimizer` over ``dict(zip(names, params))``
+    (``names``, the outer parameters' names, are required; ``lr`` is not used)."""
+    if isinstance(spec, MultiTimescaleConfig):
+        if names is None or len(names) != len(params):
+            raise ConfigError(
+                "a MultiTimescaleConfig needs the outer parameters' names, one per tensor: "
+                "build_outer_optimizer(spec, params, lr, names=[...])"
+            )
+        return MultiTimescaleOptimizer(dict(zip(names, params, strict=True)), spec)
     if isinstance(spec, str) and spec not in OUTER_OPTIMIZERS:
         raise ConfigError(
             f"unknown outer optimizer {spec!r}; use one of {OUTER_OPTIMIZERS} or a callable "

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from chronos.continuum.timescale import OPTIMIZERS, MultiTimescaleConfig, TimescaleConfig
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed import defaults
 
@@ -119,6 +120,57 @@ def _delays(text: str) -> float | tuple[float, ...]:
 
 _seed = _int_at_least(0, "seed")
 
+_TIMESCALE_USAGE = "expected NAME=FREQ[:OPTIMIZER[:LR]], e.g. log_decay=10 or log_decay=10:sgd:30"
+
+
+def _timescale(text: str) -> TimescaleConfig:
+    """``NAME=FREQ[:OPTIMIZER[:LR]]`` (``--timescale``) as a :class:`TimescaleConfig`; an empty
+    OPTIMIZER (``NAME=FREQ::LR``) is the default group's."""
+    name, eq, rest = text.partition("=")
+    parts = rest.split(":")
+    name = name.strip()
+    if not eq or not name or len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"{_TIMESCALE_USAGE}; got {text!r}")
+    try:
+        freq = int(parts[0])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"timescale {name!r}: FREQ must be an int >= 1, got {parts[0]!r} ({_TIMESCALE_USAGE})"
+        ) from None
+    optimizer = (parts[1].strip().lower() or None) if len(parts) > 1 else None
+    lr: float | None = None
+    if len(parts) > 2:
+        try:
+            lr = float(parts[2])
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"timescale {name!r}: LR must be a number > 0, got {parts[2]!r} "
+                f"({_TIMESCALE_USAGE})"
+            ) from None
+    try:
+        return TimescaleConfig(name, freq, optimizer=optimizer, lr=lr)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e} ({_TIMESCALE_USAGE})") from None
+
+
+_timescale.__name__ = "timescale"
+
+
+def _outer_optimizer(args: argparse.Namespace) -> Any:
+    """The coordinator's ``optimizer``: ``--optimizer`` (a name or ``None``), or with
+    ``--timescale`` a :class:`MultiTimescaleConfig` whose default group (and timescales that
+    name no optimizer / LR) use ``--optimizer`` / ``--outer-lr``: given, else its defaults
+    (Adam, 0.05; a named optimizer without ``--outer-lr`` gets its own default step)."""
+    if not args.timescale:
+        return args.optimizer
+    settings: dict[str, Any] = {}
+    if args.optimizer is not None:
+        settings["optimizer"] = args.optimizer
+        settings["lr"] = defaults.OUTER_LR.get(args.optimizer)
+    if args.outer_lr is not None:
+        settings["lr"] = args.outer_lr
+    return MultiTimescaleConfig(args.timescale, **settings)
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's layout; appends ``(default: …)`` to every option whose help
@@ -185,6 +237,19 @@ def _coordinator_args(
     p.add_argument("--outer-lr", type=_positive_step, default=None,
                    help="outer step size (default: the problem's default_outer_lr with its own "
                         f"optimizer, else per optimizer: {lrs})")
+    p.add_argument("--timescale", type=_timescale, action="append", default=None,
+                   metavar="NAME=FREQ[:OPTIMIZER[:LR]]",
+                   help="update outer parameter NAME (or an fnmatch pattern) only every FREQ "
+                        "outer steps, with the mean of its gradients since its last update, "
+                        f"optionally with its own OPTIMIZER ({', '.join(OPTIMIZERS)}) and step "
+                        "LR; repeatable. The other outer parameters form one group updated "
+                        "every step. With --timescale, timescales and that group use "
+                        "--optimizer / --outer-lr if given, else Adam with step 0.05 "
+                        "(default: none, one optimizer for all of λ)")
+    p.add_argument("--stale-correction", action="store_true",
+                   help="correct a stale commit to the current λ with its worker's history "
+                        "(g + J (λ_now − λ_v)) and count it fully, instead of only "
+                        "down-weighting it by decay**staleness")
     p.add_argument("--min-commits", type=_min_commits, default=defaults.MIN_COMMITS,
                    help="commits aggregated per async outer step: an int >= 1, or 'auto' "
                         "(scales with the number of live workers)")
@@ -209,6 +274,10 @@ def _worker_solve_args(p: argparse.ArgumentParser) -> None:
                    help="with --hypergradient unrolled: unroll plain gradient descent of this "
                         "step from the solution (default: replay the problem's own SGD/momentum "
                         "solve; needed for problems solved by L-BFGS or Adam)")
+    p.add_argument("--amortized", action="store_true",
+                   help="amortized hypergradients: warm-start the inner and linear solves from "
+                        "the worker's memory of past steps and loosen the inner tolerance in "
+                        "proportion to the hypergradient norm (implicit only)")
     p.add_argument("--significance-threshold", default=0.0,
                    type=_float_type(lambda v: 0 <= v < math.inf, "a number >= 0",
                                     "significance_threshold"),
@@ -233,6 +302,8 @@ def _worker_solve_args(p: argparse.ArgumentParser) -> None:
 def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
     """The WorkerConfig fields of :func:`_worker_solve_args`' sparse-communication options."""
     out: dict[str, Any] = {"codec": args.codec}
+    if args.amortized:
+        out["amortized"] = True
     for name in ("target_rate", "max_skip", "local_lr"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
@@ -283,13 +354,13 @@ def _run(argv: list[str] | None) -> int:
         cfg = RunConfig(
             problem=args.problem, workers=args.workers, mode=args.mode, max_steps=args.steps,
             max_in_flight=args.max_in_flight, max_staleness=args.max_staleness,
-            decay=args.decay, outer_lr=args.outer_lr, optimizer=args.optimizer,
+            decay=args.decay, outer_lr=args.outer_lr, optimizer=_outer_optimizer(args),
             min_commits=args.min_commits, lease_timeout=args.lease_timeout,
             heartbeat_interval=args.heartbeat_interval, straggler_delay=args.straggler_delay,
             inner_steps=args.inner_steps, hypergradient=args.hypergradient,
             unroll_lr=args.unroll_lr,
             significance_threshold=args.significance_threshold, timeout=args.timeout,
-            worker_options=_sparse_options(args),
+            worker_options=_sparse_options(args), stale_correction=args.stale_correction,
             seed=args.seed,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
@@ -301,7 +372,8 @@ def _run(argv: list[str] | None) -> int:
 
     print(f"chronos run {cfg.problem}: {cfg.workers} workers, mode {cfg.mode}, "
           f"{cfg.max_steps} outer steps, max_staleness {cfg.max_staleness}, max_in_flight "
-          f"{cfg.max_in_flight}" + ("" if cfg.seed is None else f", seed {cfg.seed}"),
+          f"{cfg.max_in_flight}" + ("" if cfg.seed is None else f", seed {cfg.seed}")
+          + "".join(f", {t.name} every {t.update_frequency}" for t in args.timescale or ()),
           file=out, flush=True)
     progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet)
     code = EXIT_OK
@@ -504,11 +576,13 @@ def _coordinator(argv: list[str] | None) -> int:
         problem = make_problem(args.problem, 0, args.num_workers or 1)
         coord = make_coordinator(
             initial_outer_params(problem, args.problem),
-            coordinator_settings(args.optimizer, args.outer_lr, args.min_commits, problem),
+            coordinator_settings(_outer_optimizer(args), args.outer_lr, args.min_commits,
+                                 problem),
             port=args.port, host=args.host, allow_remote=args.allow_remote, mode=args.mode,
             num_workers=args.num_workers, max_in_flight=args.max_in_flight,
             max_staleness=args.max_staleness, decay=args.decay, max_steps=args.steps or None,
             lease_timeout=args.lease_timeout, heartbeat_interval=args.heartbeat_interval,
+            stale_correction=args.stale_correction,
         )
     except ChronosError as e:
         return _error(p.prog, e)

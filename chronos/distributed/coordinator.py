@@ -43,6 +43,7 @@ from typing import Any, Final, Literal
 from torch import Tensor
 
 from chronos.communication.accounting import totals
+from chronos.continuum.timescale import MultiTimescaleConfig
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import OptimizerSpec
 from chronos.core.tensordict import TensorDict
@@ -105,18 +106,22 @@ class Coordinator:
         outer_lr, optimizer: the outer optimizer over λ. Left out (or ``None``): the
             ``problem``'s ``default_outer_lr`` / ``default_outer_optimizer`` when a problem is
             given, else Adam with step 0.05 (see
-            :func:`~chronos.distributed.defaults.resolve_outer_optimizer`).
+            :func:`~chronos.distributed.defaults.resolve_outer_optimizer`). A
+            :class:`~chronos.continuum.MultiTimescaleConfig` updates each group of λ at its
+            own frequency, with its own optimizer and step size (``outer_lr`` not used).
         min_commits: commits aggregated per async outer step: an int, or ``"auto"`` (default:
             ``ceil(live workers / 2)``, see :class:`~.state.CoordinatorConfig`).
         max_steps: after this many outer steps the job is done and workers are told to stop.
         lease_timeout, heartbeat_interval: liveness (seconds; defaults 20 and 2).
+        stale_correction: correct stale commits to the current λ with each worker's history
+            instead of only down-weighting them (see :mod:`~.correction`; default off).
         problem: an :class:`~chronos.core.InnerProblem` (or anything with
             ``default_outer_params()`` / ``default_outer_lr``) whose defaults to use.
         allow_remote: permit binding a non-loopback ``host``.
         curve: CURVE keys / client allow-list (see :class:`~.transport.CurveServerConfig`).
         limits: decoder size limits.
         config: a ready :class:`~.state.CoordinatorConfig`. Then none of the settings above
-            (``mode`` … ``heartbeat_interval``) may be passed as well: that raises
+            (``mode`` … ``stale_correction``) may be passed as well: that raises
             :class:`~chronos.core.errors.ConfigError` instead of silently dropping one (put
             it in the config, or ``dataclasses.replace(config, ...)``). ``problem`` then only
             supplies ``outer_params``.
@@ -139,11 +144,12 @@ class Coordinator:
         mode: Literal["async", "sync"] | _Unset = _UNSET,
         num_workers: int | _Unset | None = _UNSET,
         outer_lr: float | _Unset | None = _UNSET,
-        optimizer: OptimizerSpec | _Unset | None = _UNSET,
+        optimizer: OptimizerSpec | MultiTimescaleConfig | _Unset | None = _UNSET,
         min_commits: int | Literal["auto"] | _Unset = _UNSET,
         max_steps: int | _Unset | None = _UNSET,
         lease_timeout: float | _Unset = _UNSET,
         heartbeat_interval: float | _Unset = _UNSET,
+        stale_correction: bool | _Unset = _UNSET,
         problem: Any = None,
         allow_remote: bool = False,
         curve: CurveServerConfig | None = None,
@@ -164,6 +170,7 @@ class Coordinator:
             "optimizer": optimizer,
             "min_commits": min_commits,
             "max_steps": max_steps,
+            "stale_correction": stale_correction,
         }
         given = {k: v for k, v in settings.items() if v is not _UNSET}
         if config is not None:

@@ -76,8 +76,10 @@ def resolve_outer_optimizer(
     """``(optimizer, outer_lr)`` after defaults: the user's choice, else the problem's, else
     :data:`OUTER_OPTIMIZER` with its :data:`OUTER_LR`.
 
-    ``optimizer`` is a name, a factory ``params -> torch.optim.Optimizer`` or ``None``;
-    ``outer_lr`` a number or ``None``. A problem's ``default_outer_lr`` applies only to its
+    ``optimizer`` is a name, a factory ``params -> torch.optim.Optimizer``, a
+    :class:`~chronos.continuum.MultiTimescaleConfig` (like a factory, it carries its own step
+    sizes: the ``outer_lr`` returned is then unused) or ``None``; ``outer_lr`` a number or
+    ``None``. A problem's ``default_outer_lr`` applies only to its
     own optimizer (``default_outer_optimizer``, default ``"sgd"``).
     """
     problem_lr = _problem_lr(problem) if problem is not None else None

@@ -48,6 +48,7 @@ from typing import Any, Literal, cast
 import torch
 
 from chronos.communication.accounting import merge_by_op
+from chronos.continuum.timescale import MultiTimescaleConfig
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import InnerProblem
@@ -156,7 +157,8 @@ def default_outer_lr(problem: InnerProblem) -> float:
 
 
 def coordinator_settings(
-    optimizer: str | None, outer_lr: float | None, min_commits: int | str, problem: InnerProblem
+    optimizer: str | MultiTimescaleConfig | None, outer_lr: float | None,
+    min_commits: int | str, problem: InnerProblem,
 ) -> dict[str, Any]:
     """``optimizer``, ``outer_lr`` and ``min_commits`` for :class:`Coordinator`, resolved: the
     user's choice, else the problem's, else :mod:`~chronos.distributed.defaults`."""
@@ -267,7 +269,8 @@ class RunConfig:
     complete when every worker did (or when ``max_steps`` versions are reached, whichever
     comes first): equal work per worker, for comparisons. ``worker_options``: further
     :class:`~chronos.distributed.worker.WorkerConfig` fields (``codec``, ``max_skip``,
-    ``target_rate``, ``local_lr``...). Every other default comes from
+    ``target_rate``, ``local_lr``, ``amortized``...). ``stale_correction``: see
+    :class:`~chronos.distributed.aggregation.CoordinatorConfig`. Every other default comes from
     :mod:`~chronos.distributed.defaults`.
     """
 
@@ -279,7 +282,7 @@ class RunConfig:
     max_staleness: int = defaults.MAX_STALENESS
     decay: float = defaults.DECAY
     outer_lr: float | None = None
-    optimizer: str | None = None
+    optimizer: str | MultiTimescaleConfig | None = None
     min_commits: int | str = defaults.MIN_COMMITS
     lease_timeout: float = defaults.LEASE_TIMEOUT
     heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
@@ -288,6 +291,7 @@ class RunConfig:
     hypergradient: Literal["implicit", "unrolled"] = "implicit"
     unroll_lr: float | None = None  # None: replay the problem's own (SGD/momentum) solve
     significance_threshold: float = 0.0
+    stale_correction: bool = False
     threads_per_worker: int = 1
     timeout: float = 300.0
     port: int = 0
@@ -436,7 +440,7 @@ def run_local(
         outer0, settings, port=cfg.port, mode=cfg.mode, num_workers=cfg.workers,
         max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
         max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
-        heartbeat_interval=cfg.heartbeat_interval,
+        heartbeat_interval=cfg.heartbeat_interval, stale_correction=cfg.stale_correction,
     )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()  # (rank, final worker stats) from each worker that ends cleanly

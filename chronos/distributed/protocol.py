@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from chronos.core.errors import ConfigError, ProtocolError
+from chronos.core.safeio import DTYPES  # the whitelist: no complex, quantized or sparse
 from chronos.distributed.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -92,20 +93,6 @@ __all__ = [
 
 FrameLike = Any
 """Anything with the buffer protocol: ``bytes``, ``bytearray``, ``memoryview``, ``zmq.Frame``."""
-
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-"""Wire dtype name → torch dtype: the whole whitelist (no complex, no quantized, no sparse)."""
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}

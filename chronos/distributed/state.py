@@ -92,6 +92,11 @@ Rules (DESIGN.md, "Semantics that must hold"):
   in the memory of the step's own gradient, other optimizers step separate leaves that are
   then copied), so a reply keeps its version's λ and can be sent zero-copy; treat them as
   read-only. ``not_modified`` (``have_version == version``) carries no tensors.
+* **Stale correction** (``stale_correction=True``, async). Every accepted commit is stored in
+  its worker's history; a stale one (``s >= 1``) from a worker with at least two stored
+  commits is replaced by ``g + J_w (λ_V − λ_v)`` (capped at ``‖g‖``) and weighted 1 instead
+  of ``decay ** s`` (:class:`~chronos.distributed.correction.StaleCorrector`); the reply and
+  the dedupe record carry that weight, ``commits_corrected`` counts them.
 * **Idempotence.** An accepted commit id is remembered (the last ``dedupe_window`` of them);
   re-sending it gets ``CommitReply(status="duplicate")`` with the original staleness and weight
   and applies nothing. Rejected or refused commits are not remembered.
@@ -132,6 +137,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections import OrderedDict
@@ -169,6 +175,7 @@ from chronos.distributed.aggregation import (
     is_int,
     sync_barrier_ready,
 )
+from chronos.distributed.correction import StaleCorrector
 from chronos.distributed.messages import (
     Checkout,
     CheckoutReply,
@@ -216,7 +223,8 @@ _COUNTERS = (
     "steps registrations deregistrations workers_expired leases_expired heartbeats checkouts "
     "checkouts_granted checkouts_not_modified checkouts_deferred deferred_granted "
     "checkouts_superseded commits_accepted commits_rejected commits_duplicate leases_cancelled "
-    "errors checkouts_full checkouts_delta checkout_resyncs hypergradients_accepted"
+    "errors checkouts_full checkouts_delta checkout_resyncs hypergradients_accepted "
+    "commits_corrected"
 ).split()
 
 
@@ -280,7 +288,7 @@ class CoordinatorState:
             k: v.detach().clone().requires_grad_(True) for k, v in self._meta.outer_params.items()
         }
         self._optimizer = build_outer_optimizer(
-            self._optimizer_spec, list(self._leaves.values()), self._lr
+            self._optimizer_spec, list(self._leaves.values()), self._lr, names=list(self._leaves)
         )
         sync = self.config.mode == "sync"
         self._queue = BoundedVersionQueue(
@@ -303,6 +311,10 @@ class CoordinatorState:
         self._copies: dict[str, tuple[int, TensorDict]] = {}
         self._agg = empty_aggregate()
         self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
+        self._corrector: StaleCorrector | None = None
+        if self.config.stale_correction and not sync:
+            self._corrector = StaleCorrector(self.config.max_staleness)
+            self._corrector.record_version(self._meta.version, self._meta.outer_params)
         self._started = False  # sync: num_workers were alive together at some point
 
     # -- views ------------------------------------------------------------------------------
@@ -564,6 +576,17 @@ class CoordinatorState:
         if not decision.accepted:
             self._counters["commits_rejected"] += 1
         else:
+            if self._corrector is not None:
+                loss = msg.metrics.get("outer_loss") if isinstance(msg.metrics, Mapping) else None
+                grad, corrected = self._corrector.correct(
+                    wid, msg.version, decision.staleness, grad,
+                    float(loss) if isinstance(loss, (int, float)) else 0.0,
+                )
+                if corrected:  # an estimate at the current λ: full weight (module docstring)
+                    self._counters["commits_corrected"] += 1
+                    decision = dataclasses.replace(
+                        decision, weight=1.0, reason="accepted, corrected to the current λ"
+                    )
             self._remember(cid, decision)
             self._agg = add_commit(
                 self._agg,
@@ -658,6 +681,8 @@ class CoordinatorState:
         self._registered_by.pop(wid, None)
         self._codecs.pop(wid, None)
         self._copies.pop(wid, None)
+        if self._corrector is not None:
+            self._corrector.forget(wid)
         self._drop_from_queue(wid)
 
     def _drop_from_queue(self, wid: str) -> None:
@@ -803,6 +828,8 @@ class CoordinatorState:
             self._optimizer.zero_grad(set_to_none=True)
             self._meta.update(td.detach(self._leaves), **metrics)
         self._queue.advance()
+        if self._corrector is not None:
+            self._corrector.record_version(self.version, self._meta.outer_params)
         self._agg = empty_aggregate()
         self._committed.clear()
         self._counters["steps"] += 1

@@ -111,6 +111,7 @@ import torch
 from chronos.communication.codecs import Codec, parse_codec
 from chronos.communication.feedback import compress, decode_dict
 from chronos.communication.significance import SignificanceConfig, SignificanceFilter
+from chronos.continuum.amortized import AmortizationConfig, AmortizedHypergradient
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import InnerProblem
@@ -242,6 +243,7 @@ class Worker:
         self._commit_seq = itertools.count(1)
         self._solve_callback = self._accepts_callback(inner_problem)
         self._unroll_momentum = unroll_momentum(inner_problem, self.config)
+        self._amortized = self._build_amortized() if cfg.amortized else None
         self._stats: dict[str, float] = {
             "iterations": 0, "registrations": 0, "reconnects": 0, "resends": 0,
             "commits_sent": 0, "commits_accepted": 0, "commits_rejected": 0,
@@ -417,8 +419,12 @@ class Worker:
         kwargs: dict[str, Any] = {}
         if self._solve_callback:
             kwargs["callback"] = self._interrupt_solve
-        theta, traj = self.problem.solve(outer, init_params=init, num_steps=cfg.inner_steps,
-                                         version=version, worker_id=self.worker_id, **kwargs)
+        if self._amortized is not None:
+            theta, traj = self._amortized.solve(outer, version=version,
+                                                worker_id=self.worker_id, **kwargs)
+        else:
+            theta, traj = self.problem.solve(outer, init_params=init, num_steps=cfg.inner_steps,
+                                             version=version, worker_id=self.worker_id, **kwargs)
         if cfg.straggler_delay > 0:
             self._stop.wait(cfg.straggler_delay)  # injected slowness, interruptible
             self._check()
@@ -591,6 +597,11 @@ class Worker:
         def outer_fn(p: TensorDict, h: TensorDict) -> torch.Tensor:
             return prob.outer_loss(p, h)
 
+        if self._amortized is not None:
+            grad, step = self._amortized.hypergradient(theta, outer)
+            self._stats["linear_iterations"] += step.linear_iterations
+            return grad, {"outer_loss": step.outer_loss,
+                          "linear_iterations": step.linear_iterations}
         if cfg.hypergradient == "implicit":
             init = self._solution if cfg.warm_start else None
             grad, info = implicit_hypergradient(
@@ -614,6 +625,17 @@ class Worker:
             momentum=momentum, return_info=True,
         )
         return grad, {"outer_loss": float(getattr(uinfo, "outer_loss", math.nan))}
+
+    def _build_amortized(self) -> AmortizedHypergradient:
+        """The amortized solver (``amortized=True``): the worker's tolerances as exact floors."""
+        cfg = self.config
+        theta0 = self.problem.init_params()
+        amortization = AmortizationConfig(
+            linear_tol=max(self._tol(theta0), 1e-300), max_iter=cfg.max_iter,
+            max_inner_steps=cfg.inner_steps,
+        )
+        return AmortizedHypergradient(self.problem, amortization, method=cfg.method,
+                                      damping=cfg.damping)
 
     def _tol(self, theta: TensorDict) -> float:
         if self.config.tol is not None:

@@ -18,25 +18,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal, TypeGuard
 
-import torch
-
 from chronos.communication.codecs import parse_codec
 from chronos.core.errors import ChronosError, ConfigError
 from chronos.distributed.transport import CurveClientConfig
-from chronos.solver import METHODS
+from chronos.solver import METHODS, default_tol
 
 __all__ = ["WorkerConfig", "default_tol", "is_int", "is_number"]
 
 _ADDRESS = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
-
-
-def default_tol(dtype: torch.dtype) -> float:
-    """The linear-solve tolerance a worker uses by default for inner parameters of ``dtype``.
-
-    >>> default_tol(torch.float64), default_tol(torch.float32)
-    (1e-10, 1e-05)
-    """
-    return 1e-10 if dtype == torch.float64 else 1e-5
 
 
 def is_int(x: object) -> TypeGuard[int]:
@@ -69,6 +58,12 @@ class WorkerConfig:
             from the solution (truncated back-propagation at the optimum).
         warm_start: start each inner solve from the previous θ and each linear solve from the
             previous solution.
+        amortized: amortized hypergradients (``hypergradient="implicit"`` only): θ and the
+            linear solution start from the worker's own
+            :class:`~chronos.continuum.memory.ContinuumMemory` prediction at the checked-out
+            λ, and the inner tolerance is loosened in proportion to the hypergradient norm
+            (:mod:`chronos.continuum.amortized`; the problem's ``tol`` and ``tol`` here stay
+            the exact floors). Replaces ``warm_start``. Off by default.
         significance_threshold: hold back hypergradients whose accumulated update is not
             significant in parameter space, ‖η·r‖ / (‖λ_local‖ + scale) <= threshold (``r``:
             the error-feedback residual of hypergradients not yet sent, ``η``: the local step
@@ -109,6 +104,7 @@ class WorkerConfig:
     unroll_lr: float | str | None = None
     truncate: int | None = None
     warm_start: bool = True
+    amortized: bool = False
     significance_threshold: float = 0.0
     target_rate: float | None = None
     max_skip: int = 8
@@ -184,6 +180,13 @@ class WorkerConfig:
             )
         if not isinstance(self.warm_start, bool):
             raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}")
+        if not isinstance(self.amortized, bool):
+            raise ConfigError(f"amortized must be True or False, got {self.amortized!r}")
+        if self.amortized and self.hypergradient != "implicit":
+            raise ConfigError(
+                "amortized=True needs hypergradient='implicit' (it warm-starts and loosens the "
+                "implicit linear solve); drop one of them"
+            )
         if self.curve is not None and not isinstance(self.curve, CurveClientConfig):
             raise ConfigError(
                 f"curve must be a CurveClientConfig or None, got {type(self.curve).__name__}"

@@ -11,7 +11,12 @@ Example:
 
 from chronos.solver.api import ImplicitDifferentiation, OuterOptimizer, UnrolledDifferentiation
 from chronos.solver.hvp import InnerLinearization, linearize_inner
-from chronos.solver.implicit import HypergradInfo, implicit_hypergradient, outer_gradients
+from chronos.solver.implicit import (
+    HypergradInfo,
+    default_tol,
+    implicit_hypergradient,
+    outer_gradients,
+)
 from chronos.solver.linear import (
     METHODS,
     LinearSolver,
@@ -43,6 +48,7 @@ __all__ = [
     "UnrollInfo",
     "UnrolledDifferentiation",
     "cg",
+    "default_tol",
     "direct",
     "fixed_point",
     "implicit_hypergradient",

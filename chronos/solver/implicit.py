@@ -48,7 +48,7 @@ from chronos.solver.hvp import InnerLinearization, make_leaves, scalar_loss
 from chronos.solver.linear import LinearSolver, Preconditioner, SolveInfo, make_solver
 from chronos.solver.matmul import MatmulAutotuner
 
-__all__ = ["HypergradInfo", "implicit_hypergradient", "outer_gradients"]
+__all__ = ["HypergradInfo", "default_tol", "implicit_hypergradient", "outer_gradients"]
 
 Loss = Callable[[TensorDict, TensorDict], Tensor]
 
@@ -90,6 +90,19 @@ class HypergradInfo:
     def converged(self) -> bool:
         """Whether the linear solve reached its tolerance."""
         return self.solve.converged
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The relative residual a linear solve for a hypergradient in ``dtype`` should reach.
+
+    ``dF/dλ = ∂F/∂λ − ∇²_λθ f · v`` is often a small difference of large terms (``‖∂F/∂θ‖``
+    can be 10⁵ times ``‖dF/dλ‖``), so in float64 the residual must be tight: 1e-10. In float32
+    or lower it cannot get much below ~1e-6, and a tighter one only burns ``max_iter``: 1e-5.
+
+    >>> default_tol(torch.float64), default_tol(torch.float32)
+    (1e-10, 1e-05)
+    """
+    return 1e-10 if dtype == torch.float64 else 1e-5
 
 
 def outer_gradients(

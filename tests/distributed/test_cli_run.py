@@ -228,6 +228,21 @@ def test_run_completes_prints_progress_and_json_and_leaves_no_process(procs):
 
 
 @pytest.mark.timeout(90)
+def test_run_with_amortized_workers_and_stale_correction(procs):
+    p = Proc("run", TOY, "--workers", "2", "--steps", "8", "--min-commits", "1",
+             "--amortized", "--stale-correction", "--straggler-delay", "0,0.1",
+             "--heartbeat-interval", "0.2", "--json", "-")
+    procs.append(p)
+    assert p.wait(80) == 0, p.text()
+    report = json.loads("".join(p.out))
+    assert report["completed"] is True and report["version"] == 8
+    assert report["config"]["stale_correction"] is True
+    assert report["config"]["worker_options"]["amortized"] is True
+    assert "commits_corrected" in report["stats"]
+    wait_group_gone(p.pgid)
+
+
+@pytest.mark.timeout(90)
 def test_ctrl_c_stops_the_run_and_every_worker_process(procs, tmp_path):
     report = tmp_path / "run.json"
     p = Proc("run", TOY, "--workers", "2", "--steps", "100000", "--heartbeat-interval", "0.2",

@@ -1,7 +1,6 @@
 """Fixtures of the solver conformance battery (problems live in solver_problems.py)."""
 
 import pytest
-import torch
 from solver_problems import Logistic, Ridge, make_logistic, make_ridge
 
 
@@ -16,9 +15,5 @@ def logistic() -> Logistic:
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small problems run fastest (and least noisily on a shared 2-core box) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every solver test runs on one torch thread (see tests/conftest.py)."""
