@@ -196,8 +196,9 @@ def _stale_run(name: str, factory: Factory, staleness: int, correct: bool, commi
     """``staleness + 1`` workers in round-robin through the real state machine."""
     n = staleness + 1
     problems = [factory(rank=r, world_size=n) for r in range(n)]
-    cfg = CoordinatorConfig(optimizer="sgd", outer_lr=lr, min_commits=1, max_in_flight=n + 1,
-                            max_staleness=max(staleness, 4), stale_correction=correct,
+    # n leases span n − 1 versions: a window of n never defers; nothing is rejected
+    cfg = CoordinatorConfig(optimizer="sgd", outer_lr=lr, min_commits=1, max_in_flight=n,
+                            max_staleness=max(n, 4), stale_correction=correct,
                             lease_timeout=1e9, heartbeat_interval=1.0)
     state = CoordinatorState(problems[0].default_outer_params(), cfg)
     solvers = [AmortizedHypergradient(p, mode_config("warm previous", name)) for p in problems]
@@ -353,12 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v
                                           for k, v in vars(args).items()},
                                "amortization": {}, "stale": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every problem and part: a long run never loses what it measured
+        args.out.write_text(json.dumps(results, indent=2, default=_jsonable))
+
     if "amortization" in parts:
         _log("[1/3] amortization")
         for name in names:
             steps = args.steps or SETTINGS[name]["steps"]
             res = amortization(name, PROBLEMS[name], steps, args.check_every)
             results["amortization"][name] = res
+            save()
             _log(f"\n{name}: {steps} SGD steps of {res['outer_lr']:g}; target validation "
                  f"loss {res['target_val_loss']:.5f}")
             for line in _amortization_table(res):
@@ -372,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             commits = args.commits or SETTINGS[name]["stale_commits"]
             res = stale_correction(name, PROBLEMS[name], commits, stal)
             results["stale"][name] = res
+            save()
             _log(f"\n{name}: final validation loss after {commits} commits "
                  f"(start {res['initial_val_loss']:.5f})")
             _log(f"{'staleness':>9s} {'decay':>9s} {'corrected':>9s} {'diff':>9s} "
@@ -385,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         _log("[3/3] retrieval")
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         results["retrieval"] = retrieval(sizes, args.dim, args.queries)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=_jsonable))
+    save()
     _log(f"wrote {args.out}")
     return 0
 
