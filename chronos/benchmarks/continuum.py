@@ -24,9 +24,10 @@ Three parts, on real data (scikit-learn's digits; the 5,000 real MNIST digits ml
 2. **Stale correction.** The coordinator's real state machine
    (:class:`~chronos.distributed.state.CoordinatorState`) driven in one process by ``s + 1``
    workers on disjoint shards in round-robin, so every commit has staleness ``s``: plain
-   ``decay ** s`` weighting against ``stale_correction=True``, the same number of commits
-   (equal compute; the correction's own time is reported). Reported: the final validation
-   loss (tight solve on all training data) for s = 1..4.
+   ``decay ** s`` weighting (decay 0.5), stale commits at full weight (decay 1: separates
+   the effect of the weight from that of the correction), and ``stale_correction=True``, the
+   same number of commits (equal compute; the correction's own time is reported). Reported:
+   the final validation loss (tight solve on all training data) for s = 1..4.
 3. **Retrieval.** ``retrieve_similar(k=5)`` time at 10³, 10⁴, 10⁵ entries of dimension
    2,000 (float32, one thread) on random-walk trajectories (what an outer loop stores) and on
    isotropic Gaussian points (no structure: the worst case, a full scan).
@@ -111,7 +112,7 @@ class _Evaluator:
         self.theta: TensorDict | None = None
 
     def solve(self, lam: TensorDict) -> TensorDict:
-        theta, _ = self.problem.solve(lam, init_params=self.theta, num_steps=500, tol=1e-8)
+        theta, _ = self.problem.solve(lam, init_params=self.theta, num_steps=150, tol=1e-7)
         self.theta = theta
         return theta
 
@@ -192,13 +193,13 @@ def amortization(name: str, factory: Factory, steps: int, check_every: int) -> d
 
 
 def _stale_run(name: str, factory: Factory, staleness: int, correct: bool, commits: int,
-               lr: float) -> dict[str, Any]:
+               lr: float, decay: float = 0.5) -> dict[str, Any]:
     """``staleness + 1`` workers in round-robin through the real state machine."""
     n = staleness + 1
     problems = [factory(rank=r, world_size=n) for r in range(n)]
     # n leases span n − 1 versions: a window of n never defers; nothing is rejected
     cfg = CoordinatorConfig(optimizer="sgd", outer_lr=lr, min_commits=1, max_in_flight=n,
-                            max_staleness=max(n, 4), stale_correction=correct,
+                            max_staleness=max(n, 4), stale_correction=correct, decay=decay,
                             lease_timeout=1e9, heartbeat_interval=1.0)
     state = CoordinatorState(problems[0].default_outer_params(), cfg)
     solvers = [AmortizedHypergradient(p, mode_config("warm previous", name)) for p in problems]
@@ -245,9 +246,10 @@ def stale_correction(name: str, factory: Factory, commits: int,
     rows = []
     for s in stalenesses:
         row: dict[str, Any] = {"staleness": s}
-        for arm, correct in (("decay", False), ("corrected", True)):
+        for arm, correct, decay in (("decay", False, 0.5), ("undecayed", False, 1.0),
+                                    ("corrected", True, 0.5)):
             _log(f"  [{name}] staleness {s}, {arm} ({commits} commits) ...")
-            run = _stale_run(name, factory, s, correct, commits, lr)
+            run = _stale_run(name, factory, s, correct, commits, lr, decay)
             ev = _Evaluator(full)
             row[arm] = {
                 "final_val_loss": ev.val_loss(run["outer_params"]),
@@ -258,6 +260,8 @@ def stale_correction(name: str, factory: Factory, commits: int,
             }
         row["corrected_minus_decay"] = (row["corrected"]["final_val_loss"]
                                         - row["decay"]["final_val_loss"])
+        row["corrected_minus_undecayed"] = (row["corrected"]["final_val_loss"]
+                                            - row["undecayed"]["final_val_loss"])
         rows.append(row)
     initial = _Evaluator(full).val_loss(full.default_outer_params())
     return {"commits": commits, "outer_lr": lr, "initial_val_loss": initial, "rows": rows}
@@ -382,11 +386,13 @@ def main(argv: list[str] | None = None) -> int:
             save()
             _log(f"\n{name}: final validation loss after {commits} commits "
                  f"(start {res['initial_val_loss']:.5f})")
-            _log(f"{'staleness':>9s} {'decay':>9s} {'corrected':>9s} {'diff':>9s} "
-                 f"{'corr. s':>8s} {'compute s':>9s}")
+            _log(f"{'staleness':>9s} {'decay':>9s} {'weight 1':>9s} {'corrected':>9s} "
+                 f"{'−decay':>9s} {'−weight 1':>9s} {'corr. s':>8s} {'compute s':>9s}")
             for r in res["rows"]:
                 _log(f"{r['staleness']:9d} {r['decay']['final_val_loss']:9.5f} "
+                     f"{r['undecayed']['final_val_loss']:9.5f} "
                      f"{r['corrected']['final_val_loss']:9.5f} {r['corrected_minus_decay']:+9.5f}"
+                     f" {r['corrected_minus_undecayed']:+9.5f}"
                      f" {r['corrected']['coordinator_s']:8.3f} {r['corrected']['compute_s']:9.2f}")
             _log("")
     if "retrieval" in parts:

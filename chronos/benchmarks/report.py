@@ -194,8 +194,11 @@ def continuum_rows(cn: dict[str, Any]) -> list[Row]:
         for r in res.get("rows", []):
             if r["staleness"] != 2:
                 continue
+            undecayed = r.get("undecayed", {}).get("final_val_loss")
             note = (f" ({r['corrected']['final_val_loss']:.4f} vs "
-                    f"{r['decay']['final_val_loss']:.4f})")
+                    f"{r['decay']['final_val_loss']:.4f}"
+                    + (f"; stale commits at weight 1: {undecayed:.4f}" if undecayed else "")
+                    + ")")
             rows.append(_row(
                 f"Final validation loss, stale correction − decay only, staleness 2, {name}",
                 r["corrected_minus_decay"], _suffixed("{:+.4f}", note), "< 0",

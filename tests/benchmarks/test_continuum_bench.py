@@ -27,6 +27,7 @@ def test_quick_benchmark_measures_every_part(tmp_path, capsys):
     stale = res["stale"]["digits weight decay"]["rows"]
     assert [r["staleness"] for r in stale] == [2]
     assert stale[0]["decay"]["commits_corrected"] == 0
+    assert stale[0]["undecayed"]["commits_corrected"] == 0
     assert stale[0]["corrected"]["commits_corrected"] >= 1
     assert [r["entries"] for r in res["retrieval"]["rows"]] == [1000, 1000]
     texts = [row[0] for row in report.continuum_rows(res)]
