@@ -53,6 +53,8 @@ def test_report_rows_judge_the_continuum_targets():
     }
     rows = {r[0]: r for r in report.continuum_rows(res)}
     met = [r[3] for r in rows.values()]
-    assert met == ["**no**", "yes", "yes", "yes", "—"]
+    # p's two amortization rows, then the two expected problems the run left out: "not run"
+    assert met == ["**no**", "yes", "—", "—", "—", "—", "yes", "yes", "—"]
+    assert [r[1] for r in rows.values()][2:6] == ["not run"] * 4
     saved = next(r for t, r in rows.items() if t.startswith("CG iterations saved"))
     assert saved[1] == "45.0% (warm from previous: 20.0%)"
