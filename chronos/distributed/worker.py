@@ -629,10 +629,9 @@ class Worker:
     def _build_amortized(self) -> AmortizedHypergradient:
         """The amortized solver (``amortized=True``): the worker's tolerances as exact floors."""
         cfg = self.config
-        theta0 = self.problem.init_params()
-        amortization = AmortizationConfig(
-            linear_tol=max(self._tol(theta0), 1e-300), max_iter=cfg.max_iter,
-            max_inner_steps=cfg.inner_steps,
+        amortization = AmortizationConfig(  # linear_tol None: by θ's dtype, as _tol does
+            linear_tol=None if cfg.tol is None else max(cfg.tol, 1e-300),
+            max_iter=cfg.max_iter, max_inner_steps=cfg.inner_steps,
         )
         return AmortizedHypergradient(self.problem, amortization, method=cfg.method,
                                       damping=cfg.damping)
