@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "scaling": "chronos.benchmarks.scaling",
     "communication": "chronos.benchmarks.communication",
     "continuum": "chronos.benchmarks.continuum",
+    "staleness": "chronos.benchmarks.staleness",
     "report": "chronos.benchmarks.report",
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -101,6 +102,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
         *scaling_rows(results.get("scaling", {})),
         *communication_rows(results.get("communication", {})),
         *continuum_rows(results.get("continuum", {})),
+        *staleness_rows(results.get("staleness", {})),
         _row("4 MB checkout+commit round trip / raw zero-copy echo",
              _get(pr, "ratios", "4mb_round_trip_chronos_over_raw"),
              spread("4mb_round_trip_chronos_over_raw"), "≤ 1.5", lambda v: v <= 1.5, pr_cmd),
@@ -220,6 +222,57 @@ def continuum_rows(cn: dict[str, Any]) -> list[Row]:
     return rows
 
 
+_STALENESS_PROBLEMS = {"ridge": "heterogeneous ridge", "digits": "digits by class"}
+
+
+def staleness_rows(st: dict[str, Any]) -> list[Row]:
+    """Every shard counts (4 worker processes, one 3× slower): time to target of the
+    aggregated-gradient default over sync, the smallest worker share, and (ridge) the distance
+    of the final λ from the sync fixed point; the old policies in brackets."""
+    cmd = "`python -m chronos.benchmarks.staleness`"
+    rows = []
+    for key, name in _STALENESS_PROBLEMS.items():
+        if not st:
+            break
+        by = {r["policy"]: r for r in (st.get(key) or {}).get("rows", [])}
+        agg = by.get("async aggregated", {})
+        old = [(label, by.get(p, {})) for label, p in
+               (("decay-only", "async decay-only"), ("reject", "async reject"))]
+
+        def others(field: str, fmt: str, old: list[tuple[str, dict[str, Any]]] = old) -> str:
+            # a target never reached is stored as null: such a policy is left out
+            return "; ".join(f"{label} {format(r[field], fmt)}" for label, r in old
+                             if isinstance(r.get(field), (int, float)) and math.isfinite(r[field]))
+
+        sync_t = by.get("sync", {}).get("time_to_target")
+        ratios = others("time_ratio", ".2f")
+        slow = [f"{r['slow_ratio']:.1f}× in {label}" for label, r in
+                (("sync", by.get("sync", {})), ("aggregated", agg))
+                if isinstance(r.get("slow_ratio"), (int, float))]
+        note = (f" (sync {sync_t:.1f} s" + (f"; {ratios}" if ratios else "")
+                + (f"; slow worker {', '.join(slow)}" if slow else "") + ")"
+                if isinstance(sync_t, (int, float)) else "")
+        rows.append(_row(
+            f"Time to target, async aggregated / sync, one of 4 workers ~3× slower, {name}",
+            agg.get("time_ratio"), _suffixed("{:.3f}", note), "≤ 0.6", lambda v: v <= 0.6,
+            cmd))
+        shares = agg.get("shares") or {}
+        old_min = [f"{label} {min(r['shares'].values()):.1%}" for label, r in old
+                   if r.get("shares")]
+        rows.append(_row(
+            f"Smallest worker share of the outer updates, async aggregated, {name}",
+            min(shares.values()) if shares else None,
+            _suffixed("{:.1%}", f" ({'; '.join(old_min)})" if old_min else ""),
+            "≥ 12.5%", lambda v: v >= 0.125, cmd))
+        if key == "ridge":
+            rows.append(_row(
+                f"Final λ distance from the sync fixed point, async aggregated, {name}",
+                agg.get("distance"),
+                _suffixed("{:.3f}", f" ({others('distance', '.3f')})" if old else ""), "≤ 0.05",
+                lambda v: v <= 0.05, cmd))
+    return rows
+
+
 def render(results: dict[str, dict[str, Any]], when: str | None = None) -> str:
     """The Markdown block (without the markers)."""
     rows = table_rows(results)
@@ -255,7 +308,7 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """``{name: json}`` from ``results/NAME*.json``; several protocol runs are merged into the
     median of each ratio, with the per-run values kept under ``runs``."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("hypergrad", "scaling", "communication", "continuum"):
+    for name in ("hypergrad", "scaling", "communication", "continuum", "staleness"):
         path = results_dir / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())

@@ -76,7 +76,8 @@ OUTER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 # names the coordinator writes itself, or that would clash with MetaState.update's arguments
 _RESERVED_METRICS = frozenset(
-    {"self", "new_params", "version", "commits", "weight_sum", "mean_staleness"}
+    {"self", "new_params", "version", "commits", "weight_sum", "mean_staleness", "entries",
+     "mean_entry_age"}
 )
 
 
@@ -134,7 +135,16 @@ class CoordinatorConfig:
         dedupe_window: how many accepted commit ids are remembered for idempotence (>= 1).
         stale_correction: correct a stale commit to the current λ with its worker's history,
             ``g + J_w (λ_V − λ_v)``, and count it with weight 1 instead of ``decay ** s``
-            (:mod:`chronos.distributed.correction`; async mode only). Off by default.
+            (:mod:`chronos.distributed.correction`; async mode only). Off by default. With
+            ``aggregation="latest"`` every entry is corrected from its version to the current
+            one at each step.
+        aggregation: how an async step combines hypergradients. ``"latest"`` (the default):
+            the mean of every live worker's latest hypergradient, each weighted 1, so a slow
+            worker's shard is in every step (:mod:`chronos.distributed.latest`; memory: one
+            hypergradient per live worker). ``"buffered"``: only the commits accepted since
+            the last step, weighted ``decay ** s`` (the rule in this module's docstring;
+            ``decay`` applies only here). Sync mode ignores it: every step averages the
+            barrier's fresh commits.
 
     Example:
         >>> cfg = CoordinatorConfig()
@@ -163,6 +173,7 @@ class CoordinatorConfig:
     max_steps: int | None = None
     dedupe_window: int = 10_000
     stale_correction: bool = False
+    aggregation: Literal["latest", "buffered"] = defaults.AGGREGATION
 
     def __post_init__(self) -> None:
         if self.mode not in ("async", "sync"):
@@ -219,6 +230,12 @@ class CoordinatorConfig:
         if not isinstance(self.stale_correction, bool):
             raise ConfigError(
                 f"stale_correction must be True or False, got {self.stale_correction!r}"
+            )
+        if self.aggregation not in ("latest", "buffered"):
+            raise ConfigError(
+                f"aggregation must be 'latest' (every live worker's latest hypergradient in "
+                f"each step) or 'buffered' (the commits since the last step), got "
+                f"{self.aggregation!r}"
             )
         if self.mode == "async" and self.max_in_flight > self.max_staleness:
             warnings.warn(

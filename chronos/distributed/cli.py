@@ -250,6 +250,10 @@ def _coordinator_args(
                    help="correct a stale commit to the current λ with its worker's history "
                         "(g + J (λ_now − λ_v)) and count it fully, instead of only "
                         "down-weighting it by decay**staleness")
+    p.add_argument("--aggregation", choices=["latest", "buffered"], default=defaults.AGGREGATION,
+                   help="async outer steps: 'latest' averages every live worker's latest "
+                        "hypergradient (a slow worker's shard counts fully); 'buffered' uses "
+                        "only the commits since the last step, weighted decay**staleness")
     p.add_argument("--min-commits", type=_min_commits, default=defaults.MIN_COMMITS,
                    help="commits aggregated per async outer step: an int >= 1, or 'auto' "
                         "(scales with the number of live workers)")
@@ -361,7 +365,7 @@ def _run(argv: list[str] | None) -> int:
             unroll_lr=args.unroll_lr,
             significance_threshold=args.significance_threshold, timeout=args.timeout,
             worker_options=_sparse_options(args), stale_correction=args.stale_correction,
-            seed=args.seed,
+            aggregation=args.aggregation, seed=args.seed,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
         from chronos.distributed.worker import WorkerConfig
@@ -372,7 +376,9 @@ def _run(argv: list[str] | None) -> int:
 
     print(f"chronos run {cfg.problem}: {cfg.workers} workers, mode {cfg.mode}, "
           f"{cfg.max_steps} outer steps, max_staleness {cfg.max_staleness}, max_in_flight "
-          f"{cfg.max_in_flight}" + ("" if cfg.seed is None else f", seed {cfg.seed}")
+          f"{cfg.max_in_flight}"
+          + ("" if cfg.mode == "sync" else f", aggregation {cfg.aggregation}")
+          + ("" if cfg.seed is None else f", seed {cfg.seed}")
           + "".join(f", {t.name} every {t.update_frequency}" for t in args.timescale or ()),
           file=out, flush=True)
     progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet)
@@ -464,26 +470,12 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-def _per_worker(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-worker figures in the coordinator's stats, if it has any: the first entry that maps
-    worker ids to dicts (e.g. ``{"worker-0": {"commits_accepted": 12, ...}}``)."""
-    for key in ("workers", "per_worker", "by_worker"):
-        table = stats.get(key)
-        if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
-            return {str(k): v for k, v in table.items()}
-    return {}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
-    """The end of ``chronos run``: how far it got, the counters, one line per worker (if the
-    coordinator's stats have per-worker figures), the outer loss and the final λ."""
+    """The end of ``chronos run``: how far it got, the counters, one line per worker (its share
+    of the outer updates, commits accepted and rejected; a warning for a live worker whose
+    share is far below 1/N), the outer loss and the final λ."""
     from chronos.distributed.launcher import format_bytes_by_op, outer_losses
+    from chronos.distributed.ledger import format_worker_lines
 
     s = result.stats
     wall = result.wall_time
@@ -497,10 +489,11 @@ def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
           f"worker exit codes {list(result.worker_exitcodes)}", file=out, flush=True)
     for line in format_bytes_by_op(result):
         print(line, file=out)
-    for wid, figures in sorted(_per_worker(s).items()):
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items()
-                          if isinstance(v, (int, float, str)))
-        print(f"  {wid}: {shown}", file=out)
+    workers = s.get("workers")
+    if isinstance(workers, dict):
+        print(f"  aggregation {s.get('aggregation', '?')}; per worker:", file=out)
+        for line in format_worker_lines(workers):
+            print(line, file=out)
     losses = outer_losses(result.history)
     if losses:
         n = min(cfg.workers, len(losses))
@@ -582,7 +575,7 @@ def _coordinator(argv: list[str] | None) -> int:
             num_workers=args.num_workers, max_in_flight=args.max_in_flight,
             max_staleness=args.max_staleness, decay=args.decay, max_steps=args.steps or None,
             lease_timeout=args.lease_timeout, heartbeat_interval=args.heartbeat_interval,
-            stale_correction=args.stale_correction,
+            stale_correction=args.stale_correction, aggregation=args.aggregation,
         )
     except ChronosError as e:
         return _error(p.prog, e)
@@ -608,7 +601,11 @@ def _coordinator(argv: list[str] | None) -> int:
     s = coord.stats()
     print(f"stopped at version {coord.version}; commits accepted {s.get('commits_accepted', 0)}"
           f", rejected {s.get('commits_rejected', 0)}; registrations "
-          f"{s.get('registrations', 0)}", flush=True)
+          f"{s.get('registrations', 0)}; aggregation {s.get('aggregation', '?')}", flush=True)
+    from chronos.distributed.ledger import format_worker_lines
+
+    for line in format_worker_lines(s.get("workers") or {}):
+        print(line, flush=True)
     return code
 
 

@@ -13,8 +13,10 @@ Unparseable or invalid frames get an :class:`~.messages.ErrorReply` (code and me
 decoder), are counted in :meth:`Coordinator.stats` and logged once each; they change no state.
 
 Defaults (every one from :mod:`chronos.distributed.defaults`): window 3, staleness 4, decay
-0.5, ``min_commits="auto"`` (``ceil(live workers / 2)`` commits per step), Adam with step 0.05
-on λ unless ``problem=`` names its own outer step (or ``optimizer`` / ``outer_lr`` are given).
+0.5 (``aggregation="buffered"`` only), ``aggregation="latest"`` (every async step averages each
+live worker's latest hypergradient), ``min_commits="auto"`` (``ceil(live workers / 2)`` new
+commits per step), Adam with step 0.05 on λ unless ``problem=`` names its own outer step (or
+``optimizer`` / ``outer_lr`` are given).
 
 Example (a worker normally does the talking; see :mod:`chronos.distributed.worker`):
     >>> c = Coordinator({"lr": 0.01}, port=0)
@@ -115,13 +117,17 @@ class Coordinator:
         lease_timeout, heartbeat_interval: liveness (seconds; defaults 20 and 2).
         stale_correction: correct stale commits to the current λ with each worker's history
             instead of only down-weighting them (see :mod:`~.correction`; default off).
+        aggregation: ``"latest"`` (default: each async step averages every live worker's
+            latest hypergradient, so a slow worker's shard counts as much as a fast one's; see
+            :mod:`~.latest`) or ``"buffered"`` (the commits since the last step, weighted
+            ``decay ** s``).
         problem: an :class:`~chronos.core.InnerProblem` (or anything with
             ``default_outer_params()`` / ``default_outer_lr``) whose defaults to use.
         allow_remote: permit binding a non-loopback ``host``.
         curve: CURVE keys / client allow-list (see :class:`~.transport.CurveServerConfig`).
         limits: decoder size limits.
         config: a ready :class:`~.state.CoordinatorConfig`. Then none of the settings above
-            (``mode`` … ``stale_correction``) may be passed as well: that raises
+            (``mode`` … ``aggregation``) may be passed as well: that raises
             :class:`~chronos.core.errors.ConfigError` instead of silently dropping one (put
             it in the config, or ``dataclasses.replace(config, ...)``). ``problem`` then only
             supplies ``outer_params``.
@@ -150,6 +156,7 @@ class Coordinator:
         lease_timeout: float | _Unset = _UNSET,
         heartbeat_interval: float | _Unset = _UNSET,
         stale_correction: bool | _Unset = _UNSET,
+        aggregation: Literal["latest", "buffered"] | _Unset = _UNSET,
         problem: Any = None,
         allow_remote: bool = False,
         curve: CurveServerConfig | None = None,
@@ -171,6 +178,7 @@ class Coordinator:
             "min_commits": min_commits,
             "max_steps": max_steps,
             "stale_correction": stale_correction,
+            "aggregation": aggregation,
         }
         given = {k: v for k, v in settings.items() if v is not _UNSET}
         if config is not None:

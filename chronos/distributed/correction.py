@@ -111,16 +111,34 @@ class StaleCorrector:
         ``g`` returned as given) for a fresh commit, a worker with too little history, or a
         version no longer kept.
         """
+        if not self.observe(worker_id, version, grad, val_loss):
+            return dict(grad), False
+        return self.shift(worker_id, version, version + staleness, grad)
+
+    def observe(
+        self, worker_id: str, version: int, grad: Mapping[str, Tensor], val_loss: float = 0.0
+    ) -> bool:
+        """Store ``(λ_version, g)`` in the worker's memory; False if ``version`` is no longer
+        kept (nothing stored)."""
         at = self._versions.get(version)
         if at is None:
-            return dict(grad), False
+            return False
         memory = self._memories.get(worker_id)
         if memory is None:
             memory = self._memories[worker_id] = ContinuumMemory(capacity=self.capacity, k=self.k)
-        loss = val_loss if math.isfinite(val_loss) else 0.0
-        memory.store(at, grad, loss, version)
-        now = self._versions.get(version + staleness)
-        if staleness == 0 or now is None or len(memory) < self.min_entries:
+        memory.store(at, grad, val_loss if math.isfinite(val_loss) else 0.0, version)
+        return True
+
+    def shift(
+        self, worker_id: str, version: int, to_version: int, grad: Mapping[str, Tensor]
+    ) -> tuple[TensorDict, bool]:
+        """``(g + J_w (λ_to − λ_version), True)`` capped at ``max_ratio · ‖g‖``, or
+        ``(g, False)`` when ``to_version == version``, either version is no longer kept, or the
+        worker has fewer than ``min_entries`` stored commits. Stores nothing."""
+        at, now = self._versions.get(version), self._versions.get(to_version)
+        memory = self._memories.get(worker_id)
+        if (to_version == version or at is None or now is None or memory is None
+                or len(memory) < self.min_entries):
             return dict(grad), False
         delta = memory.predict_change(at, now, k=self.k)
         size = float(td.norm(delta))

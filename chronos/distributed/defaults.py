@@ -30,6 +30,7 @@ from typing import Any, Literal
 from chronos.core.errors import ConfigError
 
 __all__ = [
+    "AGGREGATION",
     "DECAY",
     "HEARTBEAT_INTERVAL",
     "LEASE_TIMEOUT",
@@ -47,6 +48,8 @@ MAX_STALENESS = 4
 """Largest accepted staleness; kept >= MAX_IN_FLIGHT so work granted inside the window can land."""
 DECAY = 0.5
 """A commit of staleness ``s`` is weighted ``DECAY ** s``."""
+AGGREGATION: Literal["latest", "buffered"] = "latest"
+"""Async outer steps average every live worker's latest hypergradient (every shard counts)."""
 MIN_COMMITS: int | Literal["auto"] = "auto"
 """Commits aggregated per async outer step; ``"auto"`` scales with the number of live workers."""
 LEASE_TIMEOUT = 20.0

@@ -269,7 +269,7 @@ class RunConfig:
     complete when every worker did (or when ``max_steps`` versions are reached, whichever
     comes first): equal work per worker, for comparisons. ``worker_options``: further
     :class:`~chronos.distributed.worker.WorkerConfig` fields (``codec``, ``max_skip``,
-    ``target_rate``, ``local_lr``, ``amortized``...). ``stale_correction``: see
+    ``target_rate``, ``local_lr``, ``amortized``...). ``stale_correction``, ``aggregation``: see
     :class:`~chronos.distributed.aggregation.CoordinatorConfig`. Every other default comes from
     :mod:`~chronos.distributed.defaults`.
     """
@@ -292,6 +292,7 @@ class RunConfig:
     unroll_lr: float | None = None  # None: replay the problem's own (SGD/momentum) solve
     significance_threshold: float = 0.0
     stale_correction: bool = False
+    aggregation: Literal["latest", "buffered"] = defaults.AGGREGATION
     threads_per_worker: int = 1
     timeout: float = 300.0
     port: int = 0
@@ -407,13 +408,16 @@ def run_local(
     cfg: RunConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
     progress_interval: float = 1.0,
+    *,
+    track_outer_params: bool = False,
 ) -> RunResult:
     """Start the coordinator and ``cfg.workers`` worker processes; run until done.
 
     ``progress`` (if given) is called about every ``progress_interval`` seconds with the
     coordinator's :meth:`~Coordinator.stats` plus ``outer_loss`` (the mean over the last
     ``workers`` steps: each step's loss comes from one worker's shard), ``elapsed_s``,
-    ``commits_per_s`` (accepted) and ``workers_running``.
+    ``commits_per_s`` (accepted) and ``workers_running``; with ``track_outer_params`` also
+    ``outer_params``, a copy of λ at that moment (for benchmarks that trace λ over time).
 
     Returns when the coordinator reached ``max_steps`` (``completed``), every worker process
     exited, or ``timeout`` passed. Ctrl-C raises :class:`RunInterrupted` (with the partial
@@ -441,6 +445,7 @@ def run_local(
         max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
         max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
         heartbeat_interval=cfg.heartbeat_interval, stale_correction=cfg.stale_correction,
+        aggregation=cfg.aggregation,
     )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()  # (rank, final worker stats) from each worker that ends cleanly
@@ -480,7 +485,7 @@ def run_local(
                 break
             now = time.perf_counter()
             if progress is not None and now >= next_report:
-                progress(_progress_stats(coordinator, now - t0, procs))
+                progress(_progress_stats(coordinator, now - t0, procs, track_outer_params))
                 next_report = now + progress_interval
             for rank, p in enumerate(procs):
                 if rank not in failed and p.exitcode not in (None, 0):
@@ -497,7 +502,8 @@ def run_local(
                           coordinator.version)
                 break
         if progress is not None:
-            progress(_progress_stats(coordinator, time.perf_counter() - t0, procs))
+            progress(_progress_stats(coordinator, time.perf_counter() - t0, procs,
+                                     track_outer_params))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -536,8 +542,12 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress_stats(coordinator: Coordinator, elapsed: float, procs: list[Any]) -> dict[str, Any]:
+def _progress_stats(
+    coordinator: Coordinator, elapsed: float, procs: list[Any], with_params: bool = False
+) -> dict[str, Any]:
     s = coordinator.stats()
+    if with_params:
+        s["outer_params"] = coordinator.outer_params
     losses = outer_losses(coordinator.history)
     window = losses[-max(1, len(procs)):]  # one step per worker: smooths over their shards
     s["outer_loss"] = sum(window) / len(window) if window else float("nan")

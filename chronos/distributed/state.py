@@ -12,11 +12,22 @@ Rules (DESIGN.md, "Semantics that must hold"):
 * **Staleness.** A commit computed on version ``v`` when the current version is ``V`` has
   staleness ``s = V − v``; ``s > max_staleness`` → ``CommitReply(status="rejected")`` and
   nothing applied; otherwise accepted with weight ``w = decay ** s``.
-* **Aggregation** (:mod:`chronos.distributed.aggregation`): an outer step uses
-  ``g = (1/n) Σ_i w_i g_i`` over the ``n`` commits accepted since the last step (divided by
-  ``n``, not ``Σ w_i``, so the weight is really applied: under SGD a lone commit of staleness
-  ``s`` moves λ exactly ``decay ** s`` times as far as a fresh one). Async mode steps once
-  ``m`` commits are in; sync mode steps at its barrier.
+* **Aggregation** (async; ``CoordinatorConfig.aggregation``). ``"latest"`` (the default,
+  :mod:`chronos.distributed.latest`): an accepted commit replaces its worker's entry in a table
+  of each live worker's latest hypergradient (weight 1; the reply says so), and an outer step
+  uses the mean ``(1/K) Σ_k g_k`` over the ``K`` live workers' entries, however old (a worker
+  that has not committed yet counts as zero), scaled by the fraction
+  ``min(n, K) / K`` of them that is new (``n`` commits since the last step), so every shard is
+  in every step; a worker's entry goes when it deregisters or expires. ``"buffered"``
+  (:mod:`chronos.distributed.aggregation`): a step uses ``g = (1/n) Σ_i w_i g_i`` over the ``n``
+  commits accepted since the last step (divided by ``n``, not ``Σ w_i``, so the weight is
+  really applied: under SGD a lone commit of staleness ``s`` moves λ exactly ``decay ** s``
+  times as far as a fresh one). Either way async mode steps once ``m`` commits are in since the
+  last step; sync mode averages the commits at its barrier.
+* **Per-worker accounting** (:class:`~chronos.distributed.ledger.WorkerLedger`, in
+  ``stats()["workers"]``): commits accepted / rejected, leases cancelled, Σ applied weights,
+  last version, and each worker's share of the outer updates (the sum of its coefficients in
+  every step's gradient over everybody's).
 * **min_commits** (async). ``m = min_commits`` for an int; for ``"auto"`` (the default)
   ``m = max(1, ceil(live / 2))`` with ``live`` the registered, alive workers
   (:func:`~chronos.distributed.aggregation.effective_min_commits`). ``N`` equally fast workers
@@ -122,16 +133,19 @@ Example:
     >>> g = {"lam": torch.tensor([2.0], dtype=torch.float64)}
     >>> r = st.handle("a", Commit(request_id=2, worker_id="a", version=0, commit_id="a2",
     ...                           hypergradient=g), now=1.0)[0].message
-    >>> r.status, r.weight, st.version, st.outer_params["lam"].item()      # 1 − 0.1·2
-    ('accepted', 1.0, 1, 0.8)
+    >>> # "latest": K = 2 live workers (b has no entry yet: zero), 1 of 2 new: c = ½ · ½
+    >>> r.status, r.weight, st.version, st.outer_params["lam"].item()      # 1 − 0.1·¼·2
+    ('accepted', 1.0, 1, 0.95)
     >>> st.handle("a", Checkout(request_id=3, worker_id="a"), now=1.0)[0].message.status
     'deferred'
     >>> out = st.handle("b", Commit(request_id=4, worker_id="b", version=0, commit_id="b4",
     ...                             hypergradient=g), now=2.0)
     >>> [(o.to, o.message.op, o.message.request_id) for o in out]   # b's reply, a's grant
     [('b', 'commit_reply', 4), ('a', 'checkout_reply', 3)]
-    >>> out[0].message.weight, round(st.outer_params["lam"].item(), 12)  # 0.8 − 0.1·0.5·2
-    (0.5, 0.7)
+    >>> out[0].message.weight, round(st.outer_params["lam"].item(), 12)  # 0.95 − 0.1·¼·(2 + 2)
+    (1.0, 0.85)
+    >>> {w: r["share"] for w, r in st.stats()["workers"].items()}   # steps {a: ¼}, {a: ¼, b: ¼}
+    {'a': 0.6666666666666666, 'b': 0.3333333333333333}
 """
 
 from __future__ import annotations
@@ -176,6 +190,8 @@ from chronos.distributed.aggregation import (
     sync_barrier_ready,
 )
 from chronos.distributed.correction import StaleCorrector
+from chronos.distributed.latest import LatestEntry, LatestGradients
+from chronos.distributed.ledger import WorkerLedger
 from chronos.distributed.messages import (
     Checkout,
     CheckoutReply,
@@ -311,9 +327,17 @@ class CoordinatorState:
         self._copies: dict[str, tuple[int, TensorDict]] = {}
         self._agg = empty_aggregate()
         self._committed: dict[str, None] = {}  # sync: workers whose commit on V is in
+        # async "latest": each live worker's latest hypergradient (chronos.distributed.latest)
+        self._latest_mode = not sync and self.config.aggregation == "latest"
+        self._latest = LatestGradients()
+        # worker -> Σ weights of its commits in the buffered aggregate (for the ledger)
+        self._step_weights: dict[str, float] = {}
+        self._ledger = WorkerLedger()
         self._corrector: StaleCorrector | None = None
         if self.config.stale_correction and not sync:
-            self._corrector = StaleCorrector(self.config.max_staleness)
+            # "latest" entries can age by up to about two staleness bounds before replaced
+            keep = self.config.max_staleness * (2 if self._latest_mode else 1) + 1
+            self._corrector = StaleCorrector(keep)
             self._corrector.record_version(self._meta.version, self._meta.outer_params)
         self._started = False  # sync: num_workers were alive together at some point
 
@@ -368,7 +392,12 @@ class CoordinatorState:
         ``checkouts_full`` / ``checkouts_delta`` (granted with tensors, to workers with a
         non-identity codec), ``checkout_resyncs``, ``hypergradients_accepted`` (Σ
         ``Commit.updates`` over accepted commits), ``worker_codecs`` (worker → codec spec, for
-        non-identity codecs) and ``delta_copies`` (λ copies kept for delta checkouts)."""
+        non-identity codecs) and ``delta_copies`` (λ copies kept for delta checkouts);
+        ``aggregation`` (``"latest"``, ``"buffered"`` or ``"sync"``), ``latest_entries`` /
+        ``latest_bytes`` (the "latest" table) and ``workers``: per worker (also those that
+        left), ``accepted``, ``rejected``, ``cancelled``, ``weight_sum``, ``contribution``,
+        ``share`` (of the outer updates), ``steps``, ``last_version``, ``alive`` and
+        ``entry_age`` (:class:`~chronos.distributed.ledger.WorkerLedger`)."""
         return {
             "mode": self.config.mode,
             "version": self.version,
@@ -383,7 +412,21 @@ class CoordinatorState:
             "min_commits": self._min_commits(),
             "worker_codecs": {w: c.spec for w, c in self._codecs.items()},
             "delta_copies": len(self._copies),
+            "aggregation": "latest" if self._latest_mode else (
+                "sync" if self.config.mode == "sync" else "buffered"),
+            "latest_entries": len(self._latest),
+            "latest_bytes": self._latest.nbytes(),
+            "workers": self._worker_summary(),
         }
+
+    def _worker_summary(self) -> dict[str, dict[str, Any]]:
+        """The ledger's per-worker figures plus ``entry_age``: how many versions old the
+        worker's "latest" entry is (``None``: no entry)."""
+        ages = self._latest.ages(self.version)
+        out = self._ledger.summary()
+        for wid, rec in out.items():
+            rec["entry_age"] = ages.get(wid)
+        return out
 
     # -- events -----------------------------------------------------------------------------
 
@@ -487,6 +530,7 @@ class CoordinatorState:
             self._codecs[wid] = codec
         self._next_expiry = min(self._next_expiry, now + self.config.lease_timeout)
         self._counters["registrations"] += 1
+        self._ledger.joined(wid)
         if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
             self._started = True
         return [Outgoing(wid, self._registered(wid, rid))]
@@ -575,6 +619,15 @@ class CoordinatorState:
         after: list[Outgoing] = []
         if not decision.accepted:
             self._counters["commits_rejected"] += 1
+            self._ledger.rejected(wid)
+        elif self._latest_mode:
+            self._accept_latest(wid, msg, grad, decision, updates, owned)
+            decision = dataclasses.replace(
+                decision, weight=1.0,
+                reason="accepted as the worker's latest hypergradient (aggregation 'latest')",
+            )
+            if self._agg.count >= self._min_commits():
+                after = self._step()
         else:
             if self._corrector is not None:
                 loss = msg.metrics.get("outer_loss") if isinstance(msg.metrics, Mapping) else None
@@ -596,10 +649,8 @@ class CoordinatorState:
                 msg.metrics if isinstance(msg.metrics, Mapping) else None,
                 take=owned,  # a fresh commit's tensors then need no copy
             )
-            self._counters["commits_accepted"] += 1
-            self._counters["hypergradients_accepted"] += updates
-            s = decision.staleness
-            self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
+            self._count_accepted(wid, msg.version, decision, updates)
+            self._step_weights[wid] = self._step_weights.get(wid, 0.0) + decision.weight
             if self.config.mode == "sync":
                 self._committed[wid] = None
             elif self._agg.count >= self._min_commits():
@@ -607,6 +658,33 @@ class CoordinatorState:
         after.extend(self._after_change(now))
         status: CommitStatus = "accepted" if decision.accepted else "rejected"
         return [self._commit_reply(wid, rid, cid, status, decision), *after]
+
+    def _count_accepted(
+        self, wid: str, version: int, decision: CommitDecision, updates: int
+    ) -> None:
+        self._counters["commits_accepted"] += 1
+        self._counters["hypergradients_accepted"] += updates
+        s = decision.staleness
+        self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
+        self._ledger.accepted(wid, version, decision.weight)
+
+    def _accept_latest(
+        self, wid: str, msg: Commit, grad: TensorDict, decision: CommitDecision, updates: int,
+        owned: bool,
+    ) -> None:
+        """Aggregation "latest": the commit becomes ``wid``'s entry (weight 1); with stale
+        correction its history learns it (entries are corrected at each step)."""
+        metrics = msg.metrics if isinstance(msg.metrics, Mapping) else None
+        if self._corrector is not None:
+            loss = metrics.get("outer_loss") if metrics is not None else None
+            self._corrector.observe(
+                wid, msg.version, grad, float(loss) if isinstance(loss, (int, float)) else 0.0
+            )
+        self._latest.put(wid, grad, msg.version, updates=updates, take=owned)
+        decision = dataclasses.replace(decision, weight=1.0)
+        self._remember(msg.commit_id, decision)
+        self._agg = add_commit(self._agg, {}, decision.staleness, 1.0, metrics)
+        self._count_accepted(wid, msg.version, decision, updates)
 
     def _decode_commit(self, wid: str, msg: Commit) -> TensorDict | tuple[ErrorCode, str]:
         """The λ-shaped hypergradient of ``msg`` (decoded with the worker's codec), or the
@@ -683,6 +761,8 @@ class CoordinatorState:
         self._copies.pop(wid, None)
         if self._corrector is not None:
             self._corrector.forget(wid)
+        self._latest.drop(wid)
+        self._ledger.left(wid)
         self._drop_from_queue(wid)
 
     def _drop_from_queue(self, wid: str) -> None:
@@ -805,9 +885,23 @@ class CoordinatorState:
         return out
 
     def _step(self) -> list[Outgoing]:
-        """One outer step with ``(1/n) Σ w_i g_i``; returns shutdown notices if now done."""
-        grad = aggregate_gradient(self._agg)
-        metrics = aggregate_metrics(self._agg)
+        """One outer step with ``(1/n) Σ w_i g_i`` ("buffered", sync) or the mean of the
+        latest entries ("latest"); returns shutdown notices if now done."""
+        metrics: dict[str, Any] = aggregate_metrics(self._agg)
+        if self._latest_mode:
+            grad, coefficients = self._latest.mean(
+                None if self._corrector is None else self._shift_entry, fresh=self._agg.count,
+                workers=len(self._workers),
+            )
+            ages = self._latest.ages(self.version)
+            metrics["entries"] = len(ages)
+            metrics["mean_entry_age"] = sum(ages.values()) / len(ages)
+        else:
+            grad = aggregate_gradient(self._agg)
+            n = self._agg.count
+            coefficients = {w: x / n for w, x in self._step_weights.items()}
+        self._ledger.stepped(coefficients)
+        self._step_weights = {}
         if self._plain_sgd:
             # λ ← λ − lr·g, the arithmetic of torch.optim.SGD(lr), written into g's memory (the
             # aggregate's own, dropped below; with owned=True a received frame's): the next λ
@@ -838,6 +932,13 @@ class CoordinatorState:
             return self._finish()
         return self._cancel_unreachable_leases() if self.config.mode == "async" else []
 
+    def _shift_entry(self, wid: str, entry: LatestEntry) -> TensorDict:
+        """A "latest" entry corrected from its version to the current one (stale correction)."""
+        assert self._corrector is not None
+        grad, corrected = self._corrector.shift(wid, entry.version, self.version, entry.grad)
+        self._counters["commits_corrected"] += int(corrected)
+        return grad
+
     def _cancel_unreachable_leases(self) -> list[Outgoing]:
         """Drop every lease whose commit could no longer be accepted and tell its worker."""
         version, limit = self.version, self.config.max_staleness
@@ -848,6 +949,7 @@ class CoordinatorState:
             self._queue.release(wid)
             rid = self._lease_rids.pop(wid, -1)
             self._counters["leases_cancelled"] += 1
+            self._ledger.cancelled(wid)
             reason = (
                 f"lease on version {lease.version} cancelled: the coordinator is at version "
                 f"{version} (staleness {version - lease.version} > max_staleness {limit}), so "
@@ -876,9 +978,10 @@ class CoordinatorState:
     # -- checkpointing ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """λ, version, history, optimizer state, counters and remembered commit ids (for
-        ``torch.save``). Workers, leases and deferred checkouts are not saved: after a restore
-        workers register again."""
+        """λ, version, history, optimizer state, counters, remembered commit ids and the
+        per-worker ledger (for ``torch.save``). Workers, leases, deferred checkouts and the
+        "latest" table are not saved: after a restore workers register again, and each one's
+        entry comes back with its next commit."""
         meta = self._meta.state_dict()
         meta["optimizer_state"] = copy.deepcopy(self._optimizer.state_dict())
         return {
@@ -888,6 +991,8 @@ class CoordinatorState:
             "seen_commits": [(cid, s, w) for cid, (s, w) in self._seen.items()],
             "aggregate": aggregate_state(self._agg),
             "sync_committed": list(self._committed),
+            "step_weights": dict(self._step_weights),
+            "ledger": self._ledger.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -913,3 +1018,5 @@ class CoordinatorState:
         if state.get("aggregate") is not None:
             self._agg = aggregate_from_state(state["aggregate"], self._meta.outer_params)
         self._committed = dict.fromkeys(state.get("sync_committed", []))
+        self._step_weights = {str(w): float(x) for w, x in state.get("step_weights", {}).items()}
+        self._ledger.load_state_dict(state.get("ledger", {}))

@@ -176,6 +176,8 @@ def test_bad_problem_gives_one_error_line(command, problem, message, capsys):
         (["run", TOY, "--max-staleness", "-1"], "max_staleness"),
         (["run", TOY, "--timeout", "0"], "--timeout"),
         (["run", TOY, "--decay", "2"], "decay"),
+        (["run", TOY, "--aggregation", "mean"], "invalid choice: 'mean'"),
+        (["coordinator", "--problem", TOY, "--aggregation", "x"], "--aggregation"),
         (["coordinator", "--problem", TOY, "--seed", "-3"], "seed must be an int >= 0"),
         (["coordinator", "--problem", TOY, "--steps", "x"], "steps must be an int >= 0"),
         (["worker", TOY, "--coordinator", "localhost:5555"], "coordinator_addr"),
@@ -219,7 +221,13 @@ def test_run_completes_prints_progress_and_json_and_leaves_no_process(procs):
     assert report["stats"]["commits_accepted"] == 12 and len(report["history"]) == 6
     assert all(h["commits"] == 2 for h in report["history"])
     assert report["config"]["workers"] == 2 and report["config"]["max_steps"] == 6
+    # per-worker accounting in the JSON: sync counts both shards equally
+    workers = report["stats"]["workers"]
+    assert {w: (r["accepted"], r["share"]) for w, r in workers.items()} == {
+        "worker-0": (6, 0.5), "worker-1": (6, 0.5)}
     err = "".join(p.err)  # the human-readable part went to stderr
+    assert "aggregation sync; per worker:" in err
+    assert "worker worker-0: share 50.0%, 6 accepted, 0 rejected" in err
     assert re.search(r"version +\d+/6 \| outer loss [\d.]+ \| [\d.]+ commits/s", err), err
     assert "nan" not in err  # before the first step: "outer loss —", never "nan"
     assert "finished: version 6/6" in err and "(complete)" in err

@@ -81,6 +81,7 @@ def test_lambda_sent_zero_copy_is_a_consistent_snapshot_while_steps_go_on() -> N
             max_staleness=10**6,
             max_in_flight=10**6,
             decay=1.0,
+            aggregation="buffered",  # every commit a full step: λ = −lr · version
         ) as coord,
         ClientTransport(coord.address, identity=b"reader") as reader,
         ClientTransport(coord.address, identity=b"writer") as writer,

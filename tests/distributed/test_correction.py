@@ -105,6 +105,7 @@ def test_state_dict_round_trip() -> None:
 
 
 def _state(**kw: Any) -> CoordinatorState:
+    kw = {"aggregation": "buffered"} | kw  # commit-time correction and its weight 1
     cfg = CoordinatorConfig(optimizer="sgd", outer_lr=0.1, min_commits=1, max_in_flight=4,
                             max_staleness=4, lease_timeout=100.0, heartbeat_interval=1.0, **kw)
     return CoordinatorState({"x": torch.tensor([0.0, 0.0], dtype=F64)}, cfg)

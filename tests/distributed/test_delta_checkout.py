@@ -161,7 +161,8 @@ def test_topk_error_is_carried_not_lost() -> None:
 
     st = CoordinatorState(lam0(), CoordinatorConfig(optimizer="sgd", outer_lr=1.0,
                                                     min_commits=1, max_in_flight=100,
-                                                    max_staleness=100))
+                                                    max_staleness=100,
+                                                    aggregation="buffered"))  # d's g as is
     st.handle("w", Register(request_id=0, worker_id="w", codec="topk:0.1"), now=0.0)
     st.handle("d", Register(request_id=0, worker_id="d"), now=0.0)
     first = st.handle("w", Checkout(request_id=1, worker_id="w"), now=0.0)[0].message

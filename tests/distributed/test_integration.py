@@ -60,7 +60,7 @@ def test_slow_worker_is_rejected_when_too_stale():
 def test_slow_worker_commits_are_down_weighted_exactly():
     cfg = RunConfig(problem=RIDGE, workers=2, max_steps=15, outer_lr=1.0, max_staleness=4,
                     max_in_flight=4, decay=0.5, straggler_delay=(0.0, 0.4), timeout=120,
-                    inner_steps=30)
+                    inner_steps=30, aggregation="buffered")  # the decay ** s weights
     result = run_local(cfg)
     assert result.completed
     stale = [h for h in result.history if h.get("mean_staleness", 0) > 0]
@@ -78,7 +78,7 @@ def _ridge_problem():
 def test_worker_threads_see_exact_weights_and_heartbeats():
     with Coordinator(_ridge_problem().default_outer_params(), port=0, max_in_flight=2,
                      max_staleness=1, decay=0.25, outer_lr=1.0, heartbeat_interval=0.2,
-                     lease_timeout=5.0) as coord:
+                     lease_timeout=5.0, aggregation="buffered") as coord:
         workers = [
             Worker(_ridge_problem(), WorkerConfig(coordinator_addr=coord.address,
                                                   worker_id=f"t{i}", inner_steps=20,

@@ -27,8 +27,10 @@ from chronos.distributed.coordinator import Coordinator
 from chronos.distributed.worker import Worker, WorkerConfig
 
 f64 = torch.float64
+# the invariants below are exact sums of what was sent: the buffered rule applies every commit
+# once (aggregation="latest" keeps each worker's latest instead; see test_latest.py)
 SGD1 = {"optimizer": "sgd", "outer_lr": 1.0, "decay": 1.0, "min_commits": 1,
-        "heartbeat_interval": 0.1}
+        "heartbeat_interval": 0.1, "aggregation": "buffered"}
 
 
 class Bowl(InnerProblem):

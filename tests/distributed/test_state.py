@@ -48,10 +48,12 @@ def grad(x: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def config(**kw: Any) -> CoordinatorConfig:
-    # the tests below check SGD arithmetic and per-commit stepping exactly: pin both (the
-    # defaults, Adam and min_commits="auto", have tests of their own)
+    # the tests below check SGD arithmetic, per-commit stepping and the buffered rule's
+    # decay ** s weights exactly: pin them (the defaults, Adam, min_commits="auto" and
+    # aggregation="latest", have tests of their own: test_latest.py)
     base: dict[str, Any] = {"outer_lr": 0.5, "optimizer": "sgd", "min_commits": 1,
-                            "lease_timeout": T, "heartbeat_interval": 1.0}  # fmt: skip
+                            "aggregation": "buffered", "lease_timeout": T,
+                            "heartbeat_interval": 1.0}  # fmt: skip
     return CoordinatorConfig(**(base | kw))
 
 

@@ -42,7 +42,7 @@ def lam0() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def coordinator() -> Iterator[Coordinator]:
     c = Coordinator(lam0(), port=0, optimizer="sgd", outer_lr=1.0, min_commits=1,
-                    max_in_flight=100, max_staleness=100)
+                    max_in_flight=100, max_staleness=100, aggregation="buffered")
     c.start()
     try:
         yield c
