@@ -144,7 +144,7 @@ def test_summary_has_one_line_per_worker_when_the_stats_have_them():
                 "contribution": share, "share": share, "last_version": 4, "alive": True}
 
     stats = {"commits_accepted": 5, "aggregation": "buffered", "workers": {
-        "worker-0": rec(3, 0, 0.95), "worker-1": rec(2, 7, 0.05)}}
+        "worker-0": rec(3, 0, 0.95), "worker-1": rec(2, 7, 0.05) | {"cancelled": 4}}}
     result = RunResult(outer_params={"lam": torch.zeros(2)}, version=5, wall_time=1.0,
                        stats=stats, history=[], worker_exitcodes=(0, 0), completed=True)
     out = io.StringIO()
@@ -153,11 +153,12 @@ def test_summary_has_one_line_per_worker_when_the_stats_have_them():
     assert "  aggregation buffered; per worker:" in lines
     assert ("  worker worker-0: share 95.0%, 3 accepted, 0 rejected, weight sum 3.00, last "
             "version 4") in lines
-    assert ("  worker worker-1: share 5.0%, 2 accepted, 7 rejected, weight sum 2.00, last "
-            "version 4") in lines
+    assert ("  worker worker-1: share 5.0%, 2 accepted, 7 rejected, 4 leases cancelled, weight "
+            "sum 2.00, last version 4") in lines
     # worker-1's share is below half its fair 50%: the user is told, with what to change
     warning = [x for x in lines if x.startswith("warning: worker 'worker-1' contributed 5.0%")]
     assert len(warning) == 1 and "--aggregation latest" in warning[0]
+    assert "7 rejected, 4 leases cancelled)" in warning[0]
     assert not any("worker 'worker-0' contributed" in x for x in lines)
     assert "  outer loss: — (no step reported one)" in lines
     out = io.StringIO()

@@ -171,10 +171,13 @@ def share_warnings(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
     out = []
     for wid, r in workers.items():
         if r.get("alive") and r.get("share", 0.0) < floor:
+            cancelled = r.get("cancelled", 0)
             out.append(
                 f"worker {wid!r} contributed {r.get('share', 0.0):.1%} of the outer updates "
                 f"(fair share {1 / n:.1%}; {r.get('accepted', 0)} commits accepted, "
-                f"{r.get('rejected', 0)} rejected): its shard barely counts, so λ is fit to the "
+                f"{r.get('rejected', 0)} rejected"
+                + (f", {cancelled} leases cancelled" if cancelled else "")
+                + "): its shard barely counts, so λ is fit to the "
                 "other shards. Use aggregation='latest' (--aggregation latest, the default), or "
                 "mode='sync'."
             )
@@ -192,9 +195,12 @@ def format_worker_lines(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = []
     for wid, r in workers.items():
         state = "" if r.get("alive") else " (left)"
+        cancelled = r.get("cancelled", 0)
         lines.append(
             f"  worker {wid}: share {r.get('share', 0.0):.1%}, {r.get('accepted', 0)} accepted, "
-            f"{r.get('rejected', 0)} rejected, weight sum {r.get('weight_sum', 0.0):.2f}, "
+            f"{r.get('rejected', 0)} rejected"
+            + (f", {cancelled} leases cancelled" if cancelled else "")
+            + f", weight sum {r.get('weight_sum', 0.0):.2f}, "
             f"last version {r.get('last_version', -1)}{state}"
         )
     lines.extend(f"warning: {w}" for w in share_warnings(workers))
