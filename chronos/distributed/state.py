@@ -621,11 +621,7 @@ class CoordinatorState:
             self._counters["commits_rejected"] += 1
             self._ledger.rejected(wid)
         elif self._latest_mode:
-            self._accept_latest(wid, msg, grad, decision, updates, owned)
-            decision = dataclasses.replace(
-                decision, weight=1.0,
-                reason="accepted as the worker's latest hypergradient (aggregation 'latest')",
-            )
+            decision = self._accept_latest(wid, msg, grad, decision, updates, owned)
             if self._agg.count >= self._min_commits():
                 after = self._step()
         else:
@@ -671,9 +667,10 @@ class CoordinatorState:
     def _accept_latest(
         self, wid: str, msg: Commit, grad: TensorDict, decision: CommitDecision, updates: int,
         owned: bool,
-    ) -> None:
+    ) -> CommitDecision:
         """Aggregation "latest": the commit becomes ``wid``'s entry (weight 1); with stale
-        correction its history learns it (entries are corrected at each step)."""
+        correction its history learns it (entries are corrected at each step). Returns the
+        decision to reply with."""
         metrics = msg.metrics if isinstance(msg.metrics, Mapping) else None
         if self._corrector is not None:
             loss = metrics.get("outer_loss") if metrics is not None else None
@@ -681,10 +678,14 @@ class CoordinatorState:
                 wid, msg.version, grad, float(loss) if isinstance(loss, (int, float)) else 0.0
             )
         self._latest.put(wid, grad, msg.version, updates=updates, take=owned)
-        decision = dataclasses.replace(decision, weight=1.0)
+        decision = dataclasses.replace(
+            decision, weight=1.0,
+            reason="accepted as the worker's latest hypergradient (aggregation 'latest')",
+        )
         self._remember(msg.commit_id, decision)
         self._agg = add_commit(self._agg, {}, decision.staleness, 1.0, metrics)
         self._count_accepted(wid, msg.version, decision, updates)
+        return decision
 
     def _decode_commit(self, wid: str, msg: Commit) -> TensorDict | tuple[ErrorCode, str]:
         """The λ-shaped hypergradient of ``msg`` (decoded with the worker's codec), or the
