@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m chronos.benchmarks.communication
 	$(PY) -m chronos.benchmarks.continuum
 	$(PY) -m chronos.benchmarks.staleness
+	$(PY) -m chronos.benchmarks.hybrid
 	rm -f results/protocol*.json
 	for i in 1 2 3; do $(PY) -m chronos.benchmarks.protocol --out results/protocol_$$i.json || exit 1; done
 	$(PY) -m chronos.benchmarks.report

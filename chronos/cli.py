@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "communication": "chronos.benchmarks.communication",
     "continuum": "chronos.benchmarks.continuum",
     "staleness": "chronos.benchmarks.staleness",
+    "hybrid": "chronos.benchmarks.hybrid",
     "report": "chronos.benchmarks.report",
 }
 

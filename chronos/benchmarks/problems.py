@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,12 +61,15 @@ from chronos.core.tensordict import TensorDict
 __all__ = [
     "HyperCleaningProblem",
     "LogisticRegressionProblem",
+    "MLPProblem",
     "RidgeProblem",
     "digits_ridge",
     "digits_ridge_noisy_shards",
     "digits_weight_decay",
     "digits_weight_decay_by_class",
     "mnist_hyper_cleaning",
+    "mnist_logistic_weight_decay",
+    "mnist_mlp_weight_decay",
 ]
 
 
@@ -86,6 +90,8 @@ class LogisticRegressionProblem(InnerProblem):
     optimizer = "lbfgs"
     tol = 1e-5
     default_outer_lr = 30.0  # SGD step on the log strengths (their hypergradients are ~1e-3)
+    group_optimizer = "momentum"  # in a worker group (L-BFGS needs the global loss)
+    group_inner_lr = 0.5
 
     def __init__(
         self,
@@ -189,6 +195,16 @@ def digits_weight_decay_by_class(
     return LogisticRegressionProblem(mine, per_feature=True, init_log_decay=init_log_decay)
 
 
+def held_out_accuracy(split: Split, logits: Callable[[Tensor], Tensor], which: str) -> float:
+    """Accuracy of ``logits(x)`` on the ``"val"`` or ``"test"`` part of ``split``."""
+    data = {"val": (split.x_val, split.y_val), "test": (split.x_test, split.y_test)}
+    if which not in data:
+        raise ConfigError(f"which must be one of {sorted(data)}, got {which!r}")
+    x, y = data[which]
+    with torch.no_grad():
+        return float((logits(x).argmax(dim=1) == y).float().mean())
+
+
 class HyperCleaningProblem(InnerProblem):
     """Data hyper-cleaning; see the module docstring.
 
@@ -239,13 +255,7 @@ class HyperCleaningProblem(InnerProblem):
 
     def accuracy(self, params: TensorDict, which: str = "test") -> float:
         """Accuracy on ``"val"`` or ``"test"`` (clean labels)."""
-        data = {"val": (self.split.x_val, self.split.y_val),
-                "test": (self.split.x_test, self.split.y_test)}
-        if which not in data:
-            raise ConfigError(f"which must be one of {sorted(data)}, got {which!r}")
-        x, y = data[which]
-        with torch.no_grad():
-            return float(((x @ params["W"] + params["b"]).argmax(dim=1) == y).float().mean())
+        return held_out_accuracy(self.split, lambda x: x @ params["W"] + params["b"], which)
 
 
 def mnist_hyper_cleaning(
@@ -413,3 +423,82 @@ def digits_ridge_noisy_shards(
     problem = RidgeProblem(x, y, s.x_val, s.y_val.double(), init_log_decay=init_log_decay)
     problem.default_outer_lr = 0.5
     return problem
+
+
+def mnist_logistic_weight_decay(rank: int = 0, world_size: int = 1, *, n_train: int = 2000,
+                                n_val: int = 1000, seed: int = 0) -> LogisticRegressionProblem:
+    """Per-pixel weight decay of a softmax regression on the 5,000 MNIST digits (784 × 10
+    weights: 31 kB of float32 parameters), sharded for worker ``rank``; 2,000 training, 1,000
+    validation and 2,000 test digits by default."""
+    split = load_mnist_split(n_train=n_train, n_val=n_val, seed=seed)
+    return LogisticRegressionProblem(split, per_feature=True,
+                                     train_slice=shard(len(split.x_train), rank, world_size))
+
+
+class MLPProblem(InnerProblem):
+    """A one-hidden-layer ReLU network with a learned log weight decay per layer,
+
+        f(θ, λ) = CE(MLP_θ(X_tr), y_tr) + ½ Σ_l exp(λ_l) ‖W_l‖²,   F(θ) = CE on validation,
+
+    θ = (W1, b1, W2, b2), λ = ``{"log_decay": [λ_1, λ_2]}``. The initial weights come from a
+    fixed seed, so every worker of a group starts from the same θ. Inner solve: SGD with
+    momentum 0.9 (no L-BFGS, so worker groups can run it). A ReLU network's Hessian is
+    indefinite away from a minimum, so its hypergradient's linear solve is damped,
+    ``(H + 0.05 I) v = ∂F/∂θ`` (``hypergradient_damping``; CG breaks down without it).
+    """
+
+    num_steps = 50
+    inner_lr = 0.5
+    optimizer = "momentum"
+    default_outer_lr = 1.0
+    hypergradient_damping = 0.05
+
+    def __init__(self, split: Split, hidden: int = 64, train_slice: slice | None = None,
+                 init_log_decay: float = math.log(1e-3), init_seed: int = 0) -> None:
+        rows = train_slice or slice(None)
+        self.split, self.hidden = split, int(hidden)
+        self.x_train, self.y_train = split.x_train[rows], split.y_train[rows]
+        if len(self.x_train) == 0:
+            raise ConfigError("the training shard is empty; use fewer workers or more data")
+        self.init_log_decay, self.init_seed = float(init_log_decay), int(init_seed)
+
+    def default_outer_params(self) -> TensorDict:
+        """``{"log_decay": [λ_1, λ_2]}`` at ``init_log_decay``."""
+        return {"log_decay": torch.full((2,), self.init_log_decay, dtype=self.x_train.dtype)}
+
+    def init_params(self) -> TensorDict:
+        g = torch.Generator().manual_seed(self.init_seed)
+        d, h, c = self.split.num_features, self.hidden, self.split.num_classes
+        dtype = self.x_train.dtype
+        return {"W1": torch.randn(d, h, generator=g, dtype=dtype) * math.sqrt(2.0 / d),
+                "b1": torch.zeros(h, dtype=dtype),
+                "W2": torch.randn(h, c, generator=g, dtype=dtype) * math.sqrt(1.0 / h),
+                "b2": torch.zeros(c, dtype=dtype)}
+
+    @staticmethod
+    def logits(params: TensorDict, x: Tensor) -> Tensor:
+        return torch.relu(x @ params["W1"] + params["b1"]) @ params["W2"] + params["b2"]
+
+    def inner_loss(self, params: TensorDict, outer_params: TensorDict, batch: Any = None) -> Tensor:
+        x, y = (self.x_train, self.y_train) if batch is None else batch
+        decay = outer_params["log_decay"].exp()
+        penalty = decay[0] * (params["W1"] ** 2).sum() + decay[1] * (params["W2"] ** 2).sum()
+        return F.cross_entropy(self.logits(params, x), y) + 0.5 * penalty
+
+    def outer_loss(self, params: TensorDict, outer_params: TensorDict, batch: Any = None) -> Tensor:
+        x, y = (self.split.x_val, self.split.y_val) if batch is None else batch
+        return F.cross_entropy(self.logits(params, x), y)
+
+    def accuracy(self, params: TensorDict, which: str = "test") -> float:
+        """Accuracy on ``"val"`` or ``"test"``."""
+        return held_out_accuracy(self.split, lambda x: self.logits(params, x), which)
+
+
+def mnist_mlp_weight_decay(rank: int = 0, world_size: int = 1, *, hidden: int = 64,
+                           n_train: int = 2000, n_val: int = 1000,
+                           seed: int = 0) -> MLPProblem:
+    """:class:`MLPProblem` on the 5,000 MNIST digits (784 → ``hidden`` → 10: 50,890 float32
+    parameters, 204 kB, with the default 64), sharded for worker ``rank``."""
+    split = load_mnist_split(n_train=n_train, n_val=n_val, seed=seed)
+    return MLPProblem(split, hidden=hidden,
+                      train_slice=shard(len(split.x_train), rank, world_size))

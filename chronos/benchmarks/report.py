@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "render", "table_rows", "update_readme"]
+__all__ = ["hybrid_rows", "main", "render", "table_rows", "update_readme"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -103,6 +103,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
         *communication_rows(results.get("communication", {})),
         *continuum_rows(results.get("continuum", {})),
         *staleness_rows(results.get("staleness", {})),
+        *hybrid_rows(results.get("hybrid", {})),
         _row("4 MB checkout+commit round trip / raw zero-copy echo",
              _get(pr, "ratios", "4mb_round_trip_chronos_over_raw"),
              spread("4mb_round_trip_chronos_over_raw"), "≤ 1.5", lambda v: v <= 1.5, pr_cmd),
@@ -273,6 +274,69 @@ def staleness_rows(st: dict[str, Any]) -> list[Row]:
     return rows
 
 
+_MODELS = {"logistic": "MNIST softmax regression", "mlp": "MNIST MLP"}
+
+
+def _within(limit: float, also: bool) -> Callable[[float], bool]:
+    return lambda v: v <= limit and also
+
+
+def hybrid_rows(hy: dict[str, Any]) -> list[Row]:
+    """Worker groups: per model and group size, significance's collective bytes and wall time
+    over every_step's (the inner synchronization alone, and everything with the distributed-CG
+    hypergradient's all-reduces, which both policies share); distributed CG against one
+    process; the one-all-reduce ``local`` hypergradient's error."""
+    cmd = "`python -m chronos.benchmarks.hybrid`"
+    rows: list[Row] = []
+    all_rows = hy.get("rows", []) if hy else []
+    for r in all_rows:
+        if r.get("policy") != "significance" or "bytes_ratio" not in r:
+            continue
+        where = f"{_MODELS.get(r['model'], r['model'])}, group of {r['group_size']}"
+        delta = r.get("accuracy_delta_points")
+        ok_acc = isinstance(delta, (int, float)) and abs(delta) <= 0.5
+        pcg = next((x for x in all_rows if x.get("policy") == "significance+pcg"
+                    and (x["model"], x["group_size"]) == (r["model"], r["group_size"])), None)
+        total = f"; all collective bytes {r['bytes_ratio']:.3f}"
+        if pcg is not None and isinstance(pcg.get("bytes_ratio"), (int, float)):
+            total += f", {pcg['bytes_ratio']:.3f} with the local-Hessian PCG hypergradient"
+        rows.append(_row(
+            f"Inner-sync collective bytes, significance / every_step, {where} (test accuracy "
+            "difference)", r.get("sync_bytes_ratio"),
+            _suffixed("{:.3f}", f" ({delta:+.2f} points{total})"
+                      if isinstance(delta, (int, float)) else ""),
+            "≤ 0.2 at ±0.5 points", _within(0.2, ok_acc), cmd))
+        rows.append(_row(
+            f"Wall time of the group's inner solves, significance / every_step, {where}",
+            r.get("solve_ratio"),
+            _suffixed("{:.3f}", f" (with the shared hypergradients: {r['rounds_ratio']:.3f}; "
+                      f"whole job with start-up: {r['wall_ratio']:.3f})"
+                      if isinstance(r.get("wall_ratio"), (int, float)) else ""),
+            "< 1", lambda v: v < 1, cmd))
+    hg = hy.get("hypergradient", {}) if hy else {}
+    ex = hg.get("exact_vs_single_process")
+    if ex or hy:
+        rows.append(_row("Distributed CG hypergradient (2 ranks) vs one process on the union, "
+                         "float64, relative difference", (ex or {}).get("relative_error"),
+                         lambda v: f"{v:.1e}", "≤ 1e-6", lambda v: v <= 1e-6, cmd))
+    for r in hg.get("local_vs_cg", []):
+        where = f"{_MODELS.get(r['model'], r['model'])}, group of {r['group_size']}"
+        if isinstance(r.get("pcg_collectives"), int):
+            rows.append(_row(
+                f"All-reduces per hypergradient, local-Hessian PCG / distributed CG, {where}",
+                r["pcg_collectives"] / r["cg_collectives"] if r.get("cg_collectives") else None,
+                _suffixed("{:.3f}", f" ({r['pcg_collectives']} vs {r['cg_collectives']}; "
+                          f"relative difference {r['pcg_relative_error']:.1e}; seconds "
+                          f"{r['pcg_seconds']:.2f} vs {r['cg_seconds']:.2f})"), "—", None,
+                cmd))
+        rows.append(_row(
+            f"Hypergradient with one all-reduce (averaged local solves) vs distributed CG, "
+            f"{where}, relative error", r.get("relative_error"),
+            _suffixed("{:.3f}", f" (all-reduces {r['local_collectives']} vs "
+                      f"{r['cg_collectives']}; cosine {r['cosine']:.3f})"), "—", None, cmd))
+    return rows
+
+
 def render(results: dict[str, dict[str, Any]], when: str | None = None) -> str:
     """The Markdown block (without the markers)."""
     rows = table_rows(results)
@@ -308,7 +372,7 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """``{name: json}`` from ``results/NAME*.json``; several protocol runs are merged into the
     median of each ratio, with the per-run values kept under ``runs``."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("hypergrad", "scaling", "communication", "continuum", "staleness"):
+    for name in ("hypergrad", "scaling", "communication", "continuum", "staleness", "hybrid"):
         path = results_dir / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())

@@ -314,6 +314,27 @@ def _sparse_options(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _group_args(p: argparse.ArgumentParser) -> None:
+    """``chronos run``'s worker-group options (see :mod:`chronos.distributed.group_worker`)."""
+    g = p.add_argument_group("worker groups (data-parallel inner solves over torch.distributed)")
+    g.add_argument("--group-size", type=_int_at_least(1, "group_size"), default=1, metavar="G",
+                   help="processes per worker group: each group solves one inner problem over "
+                        "the union of its members' shards, synchronizing θ through gloo "
+                        "collectives; --workers counts every process and must be a multiple "
+                        "of G (default 1: no groups)")
+    g.add_argument("--sync", default="significance", metavar="POLICY",
+                   help="when a group's ranks synchronize θ: every_step (all-reduce every "
+                        "step, like DDP), periodic:H (local SGD) or significance[:τ] (when "
+                        "the relative drift exceeds τ, checked every 4 steps; default τ 0.05)")
+    g.add_argument("--group-hypergradient", choices=["cg", "pcg", "local"], default="cg",
+                   help="cg: distributed CG, exact (default); pcg: distributed CG "
+                        "preconditioned by the ranks' local Hessians, exact, fewer messages; "
+                        "local: averaged local solves, one all-reduce, approximate")
+    g.add_argument("--group-codec", default="identity", metavar="CODEC",
+                   help="codec of the local policies' parameter exchanges, with error "
+                        "feedback (e.g. topk:0.1, int8; default identity)")
+
+
 def run_main(argv: list[str] | None = None) -> int:
     """``chronos run``: a coordinator and N worker processes on this machine."""
     try:
@@ -334,6 +355,7 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--straggler-delay", type=_delays, default=0.0,
                    help="seconds per iteration, one value or one per worker (comma-separated)")
     _worker_solve_args(p)
+    _group_args(p)
     p.add_argument("--timeout", type=_positive_float, default=300.0,
                    help="give up after this many seconds")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -365,7 +387,9 @@ def _run(argv: list[str] | None) -> int:
             unroll_lr=args.unroll_lr,
             significance_threshold=args.significance_threshold, timeout=args.timeout,
             worker_options=_sparse_options(args), stale_correction=args.stale_correction,
-            aggregation=args.aggregation, seed=args.seed,
+            aggregation=args.aggregation, seed=args.seed, group_size=args.group_size,
+            sync=args.sync, group_hypergradient=args.group_hypergradient,
+            group_codec=args.group_codec,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
         from chronos.distributed.worker import WorkerConfig
@@ -374,6 +398,11 @@ def _run(argv: list[str] | None) -> int:
     except ChronosError as e:
         return _error(p.prog, e)
 
+    if cfg.group_size > 1:
+        print(f"worker groups: {cfg.num_groups} of {cfg.group_size} processes (gloo on "
+              f"127.0.0.1), inner sync {cfg.group_settings().policy.spec}, hypergradient "
+              f"{cfg.group_hypergradient}; one leader per group talks to the coordinator",
+              file=out, flush=True)
     print(f"chronos run {cfg.problem}: {cfg.workers} workers, mode {cfg.mode}, "
           f"{cfg.max_steps} outer steps, max_staleness {cfg.max_staleness}, max_in_flight "
           f"{cfg.max_in_flight}"
@@ -381,7 +410,8 @@ def _run(argv: list[str] | None) -> int:
           + ("" if cfg.seed is None else f", seed {cfg.seed}")
           + "".join(f", {t.name} every {t.update_frequency}" for t in args.timescale or ()),
           file=out, flush=True)
-    progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet)
+    progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet,
+                        committers=cfg.num_groups)
     code = EXIT_OK
     try:
         result = run_local(cfg, progress=progress)
@@ -415,11 +445,15 @@ def _format_loss(s: dict[str, Any], workers: int) -> str:
     return "outer loss —"
 
 
-def progress_line(s: dict[str, Any], max_steps: int, workers: int) -> str:
+def progress_line(s: dict[str, Any], max_steps: int, workers: int,
+                  committers: int | None = None) -> str:
     """One progress line from :func:`~chronos.distributed.launcher.run_local`'s figures; the
-    outer loss reads ``—`` until a step has reported one (never ``nan``)."""
+    outer loss reads ``—`` until a step has reported one (never ``nan``). ``committers``: how
+    many processes register with the coordinator (default ``workers``; with worker groups,
+    one per group)."""
     return (f"[{s.get('elapsed_s', 0.0):6.1f}s] version {s.get('version', 0):4d}/{max_steps} | "
-            f"{_format_loss(s, workers)} | {s.get('commits_per_s', 0.0):.1f} commits/s | "
+            f"{_format_loss(s, committers or workers)} | "
+            f"{s.get('commits_per_s', 0.0):.1f} commits/s | "
             f"accepted {s.get('commits_accepted', 0)} rejected "
             f"{s.get('commits_rejected', 0)} deferred {s.get('checkouts_deferred', 0)} | "
             f"workers {s.get('workers_running', 0)}/{workers}")
@@ -430,8 +464,10 @@ class Progress:
     (``pip install chronos[bench]``), else one plain line per report (what logs, tests and CI
     read); nothing with ``quiet``. Call it with run_local's figures; :meth:`close` at the end."""
 
-    def __init__(self, out: TextIO, max_steps: int, workers: int, quiet: bool = False) -> None:
+    def __init__(self, out: TextIO, max_steps: int, workers: int, quiet: bool = False,
+                 committers: int | None = None) -> None:
         self.out, self.max_steps, self.workers, self.quiet = out, max_steps, workers, quiet
+        self.committers = committers or workers
         self.bar: Any = None
         if quiet or not _isatty(out):
             return
@@ -446,13 +482,14 @@ class Progress:
         if self.quiet:
             return
         if self.bar is None:
-            print(progress_line(s, self.max_steps, self.workers), file=self.out, flush=True)
+            print(progress_line(s, self.max_steps, self.workers, self.committers),
+                  file=self.out, flush=True)
             return
         version = min(int(s.get("version", 0)), self.max_steps)
         if version > self.bar.n:
             self.bar.update(version - self.bar.n)
         self.bar.set_postfix_str(
-            f"{_format_loss(s, self.workers)} | {s.get('commits_per_s', 0.0):.1f} commits/s | "
+            f"{_format_loss(s, self.committers)} | {s.get('commits_per_s', 0.0):.1f} commits/s | "
             f"rejected "
             f"{s.get('commits_rejected', 0)} | workers {s.get('workers_running', 0)}/"
             f"{self.workers}", refresh=True)
@@ -489,6 +526,14 @@ def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
           f"worker exit codes {list(result.worker_exitcodes)}", file=out, flush=True)
     for line in format_bytes_by_op(result):
         print(line, file=out)
+    for wid, ws in result.worker_stats.items():
+        g = ws.get("group")
+        if isinstance(g, dict) and g.get("role") == "leader":
+            acc = g.get("test_accuracy")
+            print(f"  group of {wid}: {g.get('rounds', 0)} rounds, {g.get('syncs', 0)} syncs in "
+                  f"{g.get('inner_steps', 0)} inner steps ({g.get('policy')}), "
+                  f"{g.get('linear_iterations', 0)} CG iterations"
+                  + ("" if acc is None else f", test accuracy {100 * acc:.2f}%"), file=out)
     workers = s.get("workers")
     if isinstance(workers, dict):
         print(f"  aggregation {s.get('aggregation', '?')}; per worker:", file=out)
@@ -496,7 +541,7 @@ def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
             print(line, file=out)
     losses = outer_losses(result.history)
     if losses:
-        n = min(cfg.workers, len(losses))
+        n = min(cfg.num_groups, len(losses))
         print(f"  outer loss (mean of {n} steps): first {sum(losses[:n]) / n:.4f}, last "
               f"{sum(losses[-n:]) / n:.4f}", file=out)
     else:

@@ -55,6 +55,9 @@ from chronos.core.problem import InnerProblem
 from chronos.core.tensordict import TensorDict
 from chronos.distributed import defaults
 from chronos.distributed.coordinator import Coordinator
+from chronos.distributed.group import GroupSpec, free_port
+from chronos.distributed.group_worker import GroupSettings, check_group_problem, group_main
+from chronos.distributed.inner_sync import SyncPolicy
 from chronos.distributed.worker import Worker, WorkerConfig, unroll_momentum
 
 __all__ = [
@@ -228,11 +231,18 @@ def worker_main(
     except ChronosError as e:
         logging.getLogger("chronos.launcher").error("%s", e)
         raise SystemExit(1) from None
+    exit_fast()
+
+
+def exit_fast() -> None:
+    """End a spawned worker process at once with code 0 (in-process callers just return).
+
+    Everything the process opened is closed by then. This skips the interpreter's teardown of
+    torch / scikit-learn module state: it takes ~1 s per process (2.4 s for 4 workers on 2
+    cores), which is most of the time a finished job spends waiting for its workers.
+    """
     if mp.parent_process() is None:  # called in-process (not as a spawned worker): return
         return
-    # Everything this process opened is closed now. Skip the interpreter's teardown of torch /
-    # scikit-learn module state: it takes ~1 s per process (2.4 s for 4 workers on 2 cores),
-    # which is most of the time a finished job spends waiting for its workers.
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -299,6 +309,10 @@ class RunConfig:
     seed: int | None = None
     max_iterations: int | None = None
     worker_options: dict[str, Any] = field(default_factory=dict)
+    group_size: int = 1
+    sync: str = "significance"
+    group_hypergradient: str = "cg"
+    group_codec: str = "identity"
 
     def __post_init__(self) -> None:
         if not isinstance(self.problem, str):
@@ -325,6 +339,30 @@ class RunConfig:
         if mc != "auto" and (not _is_int(mc) or int(mc) < 1):
             raise ConfigError(f"min_commits must be an int >= 1 or 'auto', got {mc!r}")
         self.straggler_delays()  # validates
+        g = self.group_size
+        if not _is_int(g) or g < 1 or self.workers % g:
+            raise ConfigError(
+                f"group_size must be an int >= 1 that divides workers={self.workers}, got {g!r} "
+                "(workers counts every process: workers=4, group_size=2 is two groups of two)"
+            )
+        self.group_settings()  # validates sync / group_hypergradient / group_codec
+        if g > 1 and (self.hypergradient != "implicit" or self.worker_options.get("amortized")):
+            raise ConfigError(
+                "a worker group computes implicit hypergradients (distributed CG) and solves "
+                "from its previous θ; drop hypergradient='unrolled' / amortized=True, or use "
+                "group_size=1"
+            )
+
+    @property
+    def num_groups(self) -> int:
+        """Coordinator workers: one per group (``workers // group_size``)."""
+        return self.workers // self.group_size
+
+    def group_settings(self) -> GroupSettings:
+        """How each worker group solves (``group_size > 1``)."""
+        return GroupSettings(policy=SyncPolicy.parse(self.sync, codec=self.group_codec),
+                             method=self.group_hypergradient, inner_steps=self.inner_steps,
+                             control_timeout=max(60.0, self.timeout))
 
     def straggler_delays(self) -> tuple[float, ...]:
         """One injected delay per worker."""
@@ -360,11 +398,17 @@ class RunResult:
     def bytes_by_op(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per-op wire counters: ``{"coordinator": {op: {...}}, "workers": {op: {...}}}``
         (the workers' summed with :func:`~chronos.communication.accounting.merge_by_op`;
-        each op has ``sent``, ``received``, ``messages_sent``, ``messages_received``)."""
-        return {
+        each op has ``sent``, ``received``, ``messages_sent``, ``messages_received``), and with
+        worker groups ``"collective"``: every rank's ``torch.distributed`` payload bytes
+        (:mod:`~chronos.distributed.group`)."""
+        out = {
             "coordinator": dict(self.stats.get("bytes_by_op", {})),
             "workers": merge_by_op(s.get("bytes_by_op", {}) for s in self.worker_stats.values()),
         }
+        groups = [s["group"] for s in self.worker_stats.values() if "group" in s]
+        if groups:
+            out["collective"] = merge_by_op(g.get("collective_bytes_by_op", {}) for g in groups)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary (λ as lists), with ``bytes_by_op`` (:meth:`bytes_by_op`) and
@@ -430,6 +474,9 @@ def run_local(
     problem = make_problem(cfg.problem, 0, cfg.workers)
     outer0 = initial_outer_params(problem, cfg.problem)
     settings = coordinator_settings(cfg.optimizer, cfg.outer_lr, cfg.min_commits, problem)
+    grouped = cfg.group_size > 1
+    if grouped:
+        check_group_problem(problem)  # an L-BFGS problem or no λ structure fails here
     base = WorkerConfig(**{
         "inner_steps": cfg.inner_steps, "hypergradient": cfg.hypergradient,
         "unroll_lr": cfg.unroll_lr,
@@ -441,7 +488,7 @@ def run_local(
     unroll_momentum(problem, base)  # an unrolled hypergradient it cannot replay fails here
     del problem
     coordinator = make_coordinator(
-        outer0, settings, port=cfg.port, mode=cfg.mode, num_workers=cfg.workers,
+        outer0, settings, port=cfg.port, mode=cfg.mode, num_workers=cfg.num_groups,
         max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
         max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
         heartbeat_interval=cfg.heartbeat_interval, stale_correction=cfg.stale_correction,
@@ -462,10 +509,21 @@ def run_local(
     interrupted = False
     try:
         coordinator.start()
+        ports = [free_port() for _ in range(cfg.num_groups)] if grouped else []
         for rank, delay in enumerate(cfg.straggler_delays()):
             wcfg = replace(base, coordinator_addr=coordinator.address,
                            worker_id=f"worker-{rank}", straggler_delay=delay)
-            p = ctx.Process(target=worker_main, args=(cfg.problem, rank, cfg.workers, wcfg),
+            target: Callable[..., None] = worker_main
+            args: tuple[Any, ...] = (cfg.problem, rank, cfg.workers, wcfg)
+            if grouped:
+                g = cfg.group_size
+                gspec = GroupSpec(rank=rank % g, world_size=g, port=ports[rank // g],
+                                  timeout=max(30.0, cfg.lease_timeout))
+                target = group_main
+                settings_g = replace(cfg.group_settings(), max_iter=base.max_iter, tol=base.tol,
+                                     damping=base.damping, warm_start=base.warm_start)
+                args = (cfg.problem, rank, cfg.workers, gspec, settings_g, wcfg)
+            p = ctx.Process(target=target, args=args,
                             kwargs={"import_path": import_path, "seed": cfg.seed,
                                     "result_queue": results,
                                     "max_iterations": cfg.max_iterations},

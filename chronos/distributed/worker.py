@@ -104,7 +104,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -133,6 +133,9 @@ from chronos.distributed.protocol import apply_delta, checksum
 from chronos.distributed.worker_config import WorkerConfig, default_tol, is_int, is_number
 from chronos.distributed.worker_link import WorkerLink
 from chronos.solver import implicit_hypergradient, unrolled_hypergradient
+
+if TYPE_CHECKING:
+    from chronos.distributed.group_worker import GroupMember
 
 __all__ = ["Worker", "WorkerConfig", "WorkerStopped", "unroll_momentum"]
 
@@ -193,12 +196,17 @@ class Worker:
     Args:
         inner_problem: the :class:`~chronos.core.InnerProblem` on this worker's data.
         config: a :class:`WorkerConfig`.
+        group: this worker leads a worker group (a
+            :class:`~chronos.distributed.group_worker.GroupMember` of rank 0): the group
+            solves the inner problem over all its shards and computes the hypergradient
+            together; the worker checks out and commits as usual.
 
     A worker is single-use: after :meth:`close` (which :meth:`run` calls on its way out) create
     a new one to join again.
     """
 
-    def __init__(self, inner_problem: InnerProblem, config: WorkerConfig | None = None) -> None:
+    def __init__(self, inner_problem: InnerProblem, config: WorkerConfig | None = None,
+                 *, group: GroupMember | None = None) -> None:
         if not isinstance(inner_problem, InnerProblem):
             raise ConfigError(
                 f"inner_problem must be an InnerProblem, got {type(inner_problem).__name__}; "
@@ -208,6 +216,7 @@ class Worker:
             raise ConfigError(f"config must be a WorkerConfig, got {type(config).__name__}")
         self.problem = inner_problem
         self.config = config or WorkerConfig()
+        self._group = group  # the leader of a worker group: the group solves (group_worker)
         self.worker_id = self.config.worker_id or _default_worker_id()
         self._nonce = uuid.uuid4().hex[:8]  # commit ids stay unique across restarts of an id
         self._net: WorkerLink | None = None
@@ -241,7 +250,8 @@ class Worker:
         self._announced: dict[str, Any] = {}  # Registered.config of the latest registration
         self._in_flight: TensorDict | None = None  # a commit's payload awaiting its answer
         self._commit_seq = itertools.count(1)
-        self._solve_callback = self._accepts_callback(inner_problem)
+        # a group's solve cannot stop half-way (the followers are in the same collectives)
+        self._solve_callback = group is None and self._accepts_callback(inner_problem)
         self._unroll_momentum = unroll_momentum(inner_problem, self.config)
         self._amortized = self._build_amortized() if cfg.amortized else None
         self._stats: dict[str, float] = {
@@ -328,6 +338,8 @@ class Worker:
             out["coordinator_version"] = self._net.coordinator_version
             out["bytes_by_op"] = self._net.ops.by_op()  # op -> sent/received/messages_*
         out["codec"] = self._wire_codec.spec
+        if self._group is not None:
+            out["group"] = self._group.stats()
         out["version"] = self._version
         out["residual_norm"] = 0.0 if self._filter is None else float(self._filter.residual_norm)
         if self._filter is not None:
@@ -372,7 +384,9 @@ class Worker:
             self.stop_reason = str(e)
             log.info("%s: stopping: %s", self.worker_id, e)
         finally:
-            self.close()
+            self.close()  # deregisters first: the coordinator learns at once
+            if self._group is not None:
+                self._group.stop()
         return self.stats()
 
     def flush(self) -> CommitReply | None:
@@ -419,18 +433,26 @@ class Worker:
         kwargs: dict[str, Any] = {}
         if self._solve_callback:
             kwargs["callback"] = self._interrupt_solve
-        if self._amortized is not None:
+        if self._group is not None:
+            theta, traj = self._group.solve(outer, version, self.worker_id)
+        elif self._amortized is not None:
             theta, traj = self._amortized.solve(outer, version=version,
                                                 worker_id=self.worker_id, **kwargs)
         else:
             theta, traj = self.problem.solve(outer, init_params=init, num_steps=cfg.inner_steps,
                                              version=version, worker_id=self.worker_id, **kwargs)
-        if cfg.straggler_delay > 0:
-            self._stop.wait(cfg.straggler_delay)  # injected slowness, interruptible
-            self._check()
-        self._check_lease()  # before the linear solve: is this work still wanted?
+        try:
+            if cfg.straggler_delay > 0:
+                self._stop.wait(cfg.straggler_delay)  # injected slowness, interruptible
+                self._check()
+            self._check_lease()  # before the linear solve: is this work still wanted?
+        except BaseException:
+            if self._group is not None:
+                self._group.skip()
+            raise
         t1 = time.perf_counter()
-        grad, metrics = self._hypergradient(theta, outer, init, traj.num_steps)
+        grad, metrics = (self._group.hypergradient(theta, outer) if self._group is not None
+                         else self._hypergradient(theta, outer, init, traj.num_steps))
         t2 = time.perf_counter()
         self._theta = theta
         self._stats["iterations"] += 1
