@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from chronos.benchmarks.staleness import jsonable, machine_info
 from chronos.core import tensordict as td
 from chronos.distributed.group_hypergrad import METHODS
 
@@ -262,22 +262,6 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
-def _machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def _ints(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -331,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         if v < 1:
             p.error(f"{name} must be >= 1")
     torch.set_num_threads(1)
-    result: dict[str, Any] = {"machine": _machine(), "params": {
+    result: dict[str, Any] = {"machine": machine_info(), "params": {
         "quick": args.quick, "models": models, "group_sizes": sizes, "policies": policies,
         "steps": steps, "inner_steps": args.inner_steps, "max_iter": args.max_iter,
         "repeats": repeats, "seed": args.seed}, "runs": []}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_jsonable(result), indent=2))
+        args.out.write_text(json.dumps(jsonable(result), indent=2))
 
     jobs = [(m, g, pol) for m in models for g in sizes for pol in policies]
     total = len(jobs) * repeats

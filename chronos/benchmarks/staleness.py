@@ -92,7 +92,8 @@ from chronos.distributed.messages import (
 )
 from chronos.distributed.state import CoordinatorState, Outgoing
 
-__all__ = ["POLICIES", "Policy", "SimRun", "find_root", "main", "simulate"]
+__all__ = ["POLICIES", "Policy", "SimRun", "find_root", "jsonable", "machine_info", "main",
+           "simulate"]
 
 WORKERS = 4
 SLOW = 3.0  # the slow worker's compute time over the others'
@@ -518,11 +519,12 @@ def table(title: str, rows: Sequence[dict[str, Any]], distance: str) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with tensors as lists and non-finite floats as ``None`` (for ``json.dumps``)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
         return x.tolist()
     if isinstance(x, float) and not math.isfinite(x):
@@ -548,13 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         p.error("--repeats must be >= 1")
     torch.set_num_threads(1)
-    result: dict[str, Any] = {"machine": _machine(), "params": {
+    result: dict[str, Any] = {"machine": machine_info(), "params": {
         "quick": args.quick, "repeats": repeats, "seed": args.seed, "workers": WORKERS,
         "slow": SLOW}}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_jsonable(result), indent=2))
+        args.out.write_text(json.dumps(jsonable(result), indent=2))
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -583,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
+    """CPU, core count, torch and Python versions, and the time: a benchmark JSON's header."""
     import platform
 
     return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

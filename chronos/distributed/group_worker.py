@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from chronos.communication.codecs import parse_codec
 from chronos.communication.feedback import ErrorFeedbackCompressor
 from chronos.core import tensordict as td
 from chronos.core.errors import ChronosError, ConfigError
@@ -115,7 +116,7 @@ class GroupMember:
         self._theta: TensorDict | None = None
         self._solution: TensorDict | None = None
         self._threshold: float | None = None
-        lossy = settings.policy.codec != "identity"
+        lossy = not parse_codec(settings.policy.codec).lossless  # as data_parallel_solve decides
         self._ef = ErrorFeedbackCompressor(settings.policy.codec) if lossy else None
         self._control = dist.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=settings.control_timeout))
