@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("chronos.distributed.cli:run_main", "a coordinator + N worker processes, here"),
     "coordinator": ("chronos.distributed.cli:coordinator_main", "serve one job's outer state"),
     "worker": ("chronos.distributed.cli:worker_main", "one worker against a coordinator"),
+    "keys": ("chronos.distributed.keys:main", "generate CURVE keys for authenticated workers"),
 }
 
 BENCHMARKS: dict[str, str] = {
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "continuum": "chronos.benchmarks.continuum",
     "staleness": "chronos.benchmarks.staleness",
     "hybrid": "chronos.benchmarks.hybrid",
+    "load": "chronos.benchmarks.load",
     "report": "chronos.benchmarks.report",
 }
 

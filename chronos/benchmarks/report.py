@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-__all__ = ["hybrid_rows", "main", "render", "table_rows", "update_readme"]
+__all__ = ["hybrid_rows", "load_rows", "main", "render", "table_rows", "update_readme"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -104,6 +104,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
         *continuum_rows(results.get("continuum", {})),
         *staleness_rows(results.get("staleness", {})),
         *hybrid_rows(results.get("hybrid", {})),
+        *load_rows(results.get("load", {})),
         _row("4 MB checkout+commit round trip / raw zero-copy echo",
              _get(pr, "ratios", "4mb_round_trip_chronos_over_raw"),
              spread("4mb_round_trip_chronos_over_raw"), "≤ 1.5", lambda v: v <= 1.5, pr_cmd),
@@ -337,6 +338,37 @@ def hybrid_rows(hy: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def load_rows(ld: dict[str, Any]) -> list[Row]:
+    """One coordinator under 64 concurrent clients: commit throughput and p99 latency at default
+    settings, RSS growth, and what a durable state directory costs (group commit, and an fsync
+    per record) as throughput ratios to the in-memory default, measured in the same run."""
+    cmd = "`python -m chronos.benchmarks.load`"
+    modes = (ld or {}).get("modes") or {}
+    default = modes.get("default") or {}
+    cps = default.get("commits_per_s")
+    n = default.get("clients", 64)
+    p99 = _get(default, "latency_ms", "commit", "p99")
+    acc = default.get("accepted_fraction")
+    rss = default.get("rss") or {}
+    grow = (rss["max_bytes"] - rss["start_bytes"]) / 2**20 if isinstance(
+        rss.get("max_bytes"), int) and isinstance(rss.get("start_bytes"), int) else None
+    rows = [
+        _row(f"Load: {n} concurrent clients on one coordinator, default settings, commits/s "
+             "(accepted; p99 commit latency; RSS growth)", cps,
+             _suffixed("{:.0f}", (f" ({100 * acc:.1f}% accepted; p99 {p99:.1f} ms"
+                                  if isinstance(acc, float) and isinstance(p99, float) else " (")
+                       + (f"; +{grow:.0f} MiB)" if grow is not None else ")")),
+             "—", None, cmd)]
+    for mode, what in (("journal-batch", "group commit, one fsync per batch"),
+                       ("journal-always", "one fsync per record")):
+        got = (modes.get(mode) or {}).get("commits_per_s")
+        ratio = got / cps if isinstance(got, float) and isinstance(cps, float) and cps else None
+        if ld or ratio is not None:
+            rows.append(_row(f"Durable state directory ({what}) / in memory, commits/s under "
+                             "the same load", ratio, lambda v: f"{v:.2f}", "—", None, cmd))
+    return rows
+
+
 def render(results: dict[str, dict[str, Any]], when: str | None = None) -> str:
     """The Markdown block (without the markers)."""
     rows = table_rows(results)
@@ -372,7 +404,8 @@ def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
     """``{name: json}`` from ``results/NAME*.json``; several protocol runs are merged into the
     median of each ratio, with the per-run values kept under ``runs``."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("hypergrad", "scaling", "communication", "continuum", "staleness", "hybrid"):
+    for name in ("hypergrad", "scaling", "communication", "continuum", "staleness", "hybrid",
+                 "load"):
         path = results_dir / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())

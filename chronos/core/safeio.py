@@ -252,20 +252,16 @@ def _parse_header(
     meta, entries = header["metadata"], header["tensors"]
     if not isinstance(meta, dict) or not isinstance(entries, list):
         raise fail("header 'metadata' must be an object and 'tensors' a list")
-    out, names, offset = [], set(), 0
+    out, offset = [], 0
+    names: set[str] = set()
     fields = {"name", "dtype", "shape", "offset", "nbytes"}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != fields:
             raise fail(f"tensor entry {i} must have exactly the fields {sorted(fields)}")
         name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
-        if not isinstance(name, str) or name in names:
-            raise fail(f"tensor entry {i} has a missing or repeated name {name!r}")
-        names.add(name)
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise fail(f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                or not all(type(s) is int and s >= 0 for s in shape)):
-            raise fail(f"tensor {name!r} has an invalid shape {shape!r}")
+        problem = tensor_spec_problem(name, dtype, shape, names)
+        if problem is not None:
+            raise fail(f"tensor entry {i}: {problem}")
         numel = math.prod(shape)
         nbytes = numel * DTYPES[dtype].itemsize
         if type(entry["nbytes"]) is not int or entry["nbytes"] != nbytes:
@@ -278,6 +274,21 @@ def _parse_header(
         offset += nbytes
         out.append((name, DTYPES[dtype], shape))
     return out, meta
+
+
+def tensor_spec_problem(name: object, dtype: object, shape: object,
+                        names: set[str]) -> str | None:
+    """What is wrong with one tensor's ``name`` / ``dtype`` name / ``shape`` as read from a
+    file (``None``: nothing; then ``name`` is added to ``names``, the names seen so far)."""
+    if not isinstance(name, str) or name in names:
+        return f"a missing or repeated name {name!r}"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(DTYPES)}"
+    if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+            or not all(type(x) is int and x >= 0 for x in shape)):
+        return f"tensor {name!r} has an invalid shape {shape!r}"
+    names.add(name)
+    return None
 
 
 def load_tensors(

@@ -305,6 +305,19 @@ class BoundedVersionQueue:
         self._leases.pop(worker_id, None)
         return decision
 
+    def lease_of(self, worker_id: str) -> Lease | None:
+        """``worker_id``'s lease, or ``None`` (no copy of the table, unlike :attr:`leases`)."""
+        return self._leases.get(worker_id)
+
+    def restore_lease(self, worker_id: str, version: int, now: float) -> None:
+        """Give ``worker_id`` a lease on ``version`` (an issued one) again, e.g. the lease it
+        held when a coordinator that restarted from its state directory went down."""
+        worker_id = _check_worker_id(worker_id)
+        now = _check_time(now)
+        self.tracker.evaluate(version)  # raises VersionError for a version never issued
+        self._waiting.pop(worker_id, None)
+        self._leases[worker_id] = Lease(worker_id, version, now + self.lease_timeout)
+
     def heartbeat(self, worker_id: str, now: float) -> bool:
         """Renew ``worker_id``'s lease; return whether it holds one."""
         worker_id = _check_worker_id(worker_id)

@@ -2,7 +2,9 @@
 
 * ``chronos run PROBLEM --workers N [--mode async|sync] [--max-staleness S] ...`` — a coordinator
   and N worker processes on this machine, with progress (a bar on a terminal when tqdm is
-  installed, one line a second otherwise), stopped cleanly on completion or Ctrl-C.
+  installed, one line a second otherwise), stopped cleanly on completion or Ctrl-C. It prints
+  the coordinator's address first, so more workers can attach (``chronos worker``), and with
+  ``--restart-workers`` / ``--max-restarts N`` starts a worker that died again (same rank).
 * ``chronos coordinator --problem PROBLEM --port P ...`` — only the coordinator, for multi-host
   jobs (binds 127.0.0.1 unless ``--host`` and ``--allow-remote`` are given).
 * ``chronos worker PROBLEM --coordinator tcp://HOST:PORT --rank R --world-size N`` — one worker.
@@ -43,11 +45,16 @@ from chronos.distributed import defaults
 if TYPE_CHECKING:
     from chronos.distributed.launcher import RunConfig, RunResult
 
+from chronos.distributed.keys import KeyRing, add_curve_args, curve_from_args
+from chronos.distributed.transport import CurveClientConfig
+
 __all__ = ["coordinator_main", "run_main", "worker_main"]
 
 DEFAULT_PROBLEM = "chronos.benchmarks.problems:digits_weight_decay"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+RESTART_WORKERS = 5  # restarts per worker that `chronos run --restart-workers` allows
 
 
 # -- argument types: a bad value is one `error:` line (argparse's) and exit code 2 ---------------
@@ -265,6 +272,21 @@ def _coordinator_args(
     p.add_argument("--seed", type=_seed, default=None, help=seed_help)
 
 
+def _durability_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("durability")
+    g.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="keep the coordinator's state in DIR (commit log + snapshots): an "
+                        "acknowledged commit is on disk, and a coordinator started on the same "
+                        "DIR after a crash resumes where it was (default: in memory only)")
+    if p.prog.endswith("coordinator"):
+        g.add_argument("--journal-sync", choices=["batch", "always", "none"], default="batch",
+                       help="fsync the log once per batch of messages (group commit), after "
+                            "every record, or never (survives a process crash, not a power "
+                            "loss)")
+        g.add_argument("--snapshot-every", type=_int_at_least(1, "snapshot_every"),
+                       default=100, help="versions between snapshots")
+
+
 # -- chronos run -------------------------------------------------------------------------------
 
 
@@ -358,11 +380,23 @@ def _run(argv: list[str] | None) -> int:
     _group_args(p)
     p.add_argument("--timeout", type=_positive_float, default=300.0,
                    help="give up after this many seconds")
+    p.add_argument("--restart-workers", action="store_true",
+                   help="start a worker process that dies before the job is done (a non-zero "
+                        "exit, e.g. killed) again, with the same rank and id, up to "
+                        f"{RESTART_WORKERS} times per worker (default: a dead worker stays "
+                        "dead)")
+    p.add_argument("--max-restarts", type=_int_at_least(0, "max_restarts"), default=None,
+                   metavar="N",
+                   help="as --restart-workers, with at most N restarts per worker (0: none) "
+                        "(default: 0, or with --restart-workers "
+                        f"{RESTART_WORKERS})")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the result (config, figures, history) as JSON to FILE; '-' "
                         "prints it on stdout (the progress then goes to stderr) "
                         "(default: no JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _durability_args(p)
+    add_curve_args(p, "run")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
@@ -389,7 +423,9 @@ def _run(argv: list[str] | None) -> int:
             worker_options=_sparse_options(args), stale_correction=args.stale_correction,
             aggregation=args.aggregation, seed=args.seed, group_size=args.group_size,
             sync=args.sync, group_hypergradient=args.group_hypergradient,
-            group_codec=args.group_codec,
+            group_codec=args.group_codec, max_restarts=_max_restarts(args),
+            curve_keys=args.curve_keys, allowed_keys=args.allowed_keys,
+            state_dir=args.state_dir,
         )
         load_factory(cfg.problem)  # a bad PROBLEM fails here, before anything starts
         from chronos.distributed.worker import WorkerConfig
@@ -408,13 +444,20 @@ def _run(argv: list[str] | None) -> int:
           f"{cfg.max_in_flight}"
           + ("" if cfg.mode == "sync" else f", aggregation {cfg.aggregation}")
           + ("" if cfg.seed is None else f", seed {cfg.seed}")
-          + "".join(f", {t.name} every {t.update_frequency}" for t in args.timescale or ()),
+          + "".join(f", {t.name} every {t.update_frequency}" for t in args.timescale or ())
+          + ("" if not cfg.max_restarts else
+             f", dead workers restarted up to {cfg.max_restarts} "
+             f"time{'s' if cfg.max_restarts > 1 else ''} each"),
           file=out, flush=True)
     progress = Progress(out, cfg.max_steps, cfg.workers, quiet=args.quiet,
                         committers=cfg.num_groups)
+
+    def announce(address: str) -> None:
+        progress.message(address_line(address, cfg.problem))
+
     code = EXIT_OK
     try:
-        result = run_local(cfg, progress=progress)
+        result = run_local(cfg, progress=progress, on_start=announce)
     except RunInterrupted as e:
         progress.close()
         print("chronos run: interrupted; every worker process was stopped", file=sys.stderr,
@@ -431,6 +474,21 @@ def _run(argv: list[str] | None) -> int:
     if code == EXIT_OK and not result.completed:
         code = EXIT_FAILED
     return code
+
+
+def _max_restarts(args: argparse.Namespace) -> int:
+    """``--max-restarts N`` if given, else ``RESTART_WORKERS`` with ``--restart-workers``,
+    else 0."""
+    if args.max_restarts is not None:
+        return int(args.max_restarts)
+    return RESTART_WORKERS if args.restart_workers else 0
+
+
+def address_line(address: str, problem: str) -> str:
+    """``chronos run``'s line saying where its coordinator listens and how to attach more
+    workers to it."""
+    return (f"coordinator: {address} (attach more workers with: chronos worker {problem} "
+            f"--coordinator {address})")
 
 
 def _format_loss(s: dict[str, Any], workers: int) -> str:
@@ -494,6 +552,14 @@ class Progress:
             f"{s.get('commits_rejected', 0)} | workers {s.get('workers_running', 0)}/"
             f"{self.workers}", refresh=True)
 
+    def message(self, line: str) -> None:
+        """Print ``line`` (also with ``quiet``), above the bar if there is one."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)
+            self.out.flush()
+            return
+        print(line, file=self.out, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -524,6 +590,14 @@ def print_summary(result: RunResult, cfg: RunConfig, out: TextIO) -> None:
           f"{s.get('commits_rejected', 0)}; checkouts deferred {s.get('checkouts_deferred', 0)}; "
           f"bytes received {s.get('bytes_received', 0)}, sent {s.get('bytes_sent', 0)}; "
           f"worker exit codes {list(result.worker_exitcodes)}", file=out, flush=True)
+    if result.worker_restarts:
+        shown = ", ".join(f"{w} ×{n}" for w, n in result.worker_restarts.items())
+        print(f"  restarts: {shown}", file=out, flush=True)
+    restored = s.get("restored")
+    if isinstance(restored, dict) and (restored.get("snapshot") is not None
+                                       or restored.get("records")):
+        print(f"  resumed from {cfg.state_dir} at version {restored['version']} (its counters "
+              "include the earlier run's)", file=out, flush=True)
     for line in format_bytes_by_op(result):
         print(line, file=out)
     for wid, ws in result.worker_stats.items():
@@ -595,6 +669,8 @@ def _coordinator(argv: list[str] | None) -> int:
                    help="outer steps (versions) to run; 0: until stopped")
     p.add_argument("--report-every", type=_positive_float, default=5.0,
                    help="seconds between reports")
+    _durability_args(p)
+    add_curve_args(p, "coordinator")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
@@ -611,6 +687,8 @@ def _coordinator(argv: list[str] | None) -> int:
     add_cwd_to_path()
     seed_everything(args.seed)
     try:
+        ring = curve_from_args(args, "coordinator")
+        assert ring is None or isinstance(ring, KeyRing)
         problem = make_problem(args.problem, 0, args.num_workers or 1)
         coord = make_coordinator(
             initial_outer_params(problem, args.problem),
@@ -621,9 +699,19 @@ def _coordinator(argv: list[str] | None) -> int:
             max_staleness=args.max_staleness, decay=args.decay, max_steps=args.steps or None,
             lease_timeout=args.lease_timeout, heartbeat_interval=args.heartbeat_interval,
             stale_correction=args.stale_correction, aggregation=args.aggregation,
+            state_dir=args.state_dir, journal_sync=args.journal_sync,
+            snapshot_every=args.snapshot_every,
+            curve=None if ring is None else ring.server,
+            key_names=None if ring is None else ring.key_names,
         )
     except ChronosError as e:
         return _error(p.prog, e)
+    if coord.restored is not None:
+        r = coord.restored
+        print(f"state directory {args.state_dir}: " + (
+            f"resumed at version {r['version']} (snapshot {r['snapshot']} + {r['records']} "
+            "log records)" if r["snapshot"] is not None or r["records"] else "new"),
+            flush=True)
     code = EXIT_OK
     try:
         try:
@@ -631,7 +719,8 @@ def _coordinator(argv: list[str] | None) -> int:
         except ChronosError as e:
             return _error(p.prog, e)
         print(f"coordinator listening on {coord.address}"
-              + ("" if args.seed is None else f" (seed {args.seed})"), flush=True)
+              + ("" if args.seed is None else f" (seed {args.seed})")
+              + (", CURVE" if ring is not None else ""), flush=True)
         signal.signal(signal.SIGTERM, lambda *_: coord.stop())
         while not coord.wait(timeout=args.report_every):
             s = coord.stats()
@@ -692,6 +781,7 @@ def _worker(argv: list[str] | None) -> int:
                    help="give up after this many seconds without a coordinator")
     p.add_argument("--seed", type=_seed, default=None,
                    help="seed random/NumPy/torch with seed + rank (default: unseeded)")
+    add_curve_args(p, "worker")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
@@ -706,8 +796,10 @@ def _worker(argv: list[str] | None) -> int:
     add_cwd_to_path()
     seed_everything(None if args.seed is None else args.seed + args.rank)
     try:
+        curve = curve_from_args(args, "worker")
+        assert curve is None or isinstance(curve, CurveClientConfig)
         cfg = WorkerConfig(
-            coordinator_addr=args.coordinator, worker_id=args.worker_id,
+            coordinator_addr=args.coordinator, worker_id=args.worker_id, curve=curve,
             inner_steps=args.inner_steps, hypergradient=args.hypergradient,
             unroll_lr=args.unroll_lr, significance_threshold=args.significance_threshold,
             straggler_delay=args.straggler_delay, num_threads=args.threads,

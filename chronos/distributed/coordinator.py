@@ -10,7 +10,24 @@ are granted on time. It never blocks on one worker: deferred checkouts are answe
 from whichever event frees the version window.
 
 Unparseable or invalid frames get an :class:`~.messages.ErrorReply` (code and message from the
-decoder), are counted in :meth:`Coordinator.stats` and logged once each; they change no state.
+decoder), are counted in :meth:`Coordinator.stats` and logged; they change no state.
+
+Hostile peers (see RELIABILITY.md): a peer is known by the routing id the ROUTER gave its
+connection (hex in logs), never by what it claims; worker ids are bound to connections (and
+CURVE keys) by the state machine. Error log lines are cut and rate-limited per error code
+(:class:`~.guard.LogLimiter`: ``log_lines_suppressed``), error replies per peer
+(:class:`~.guard.PeerBudget`: ``error_replies_throttled``), message sizes default to
+:func:`~.protocol.limits_for` λ and each peer's backlog to 64 messages. A closed connection
+(the transport's monitor, confirmed by a probe that fails) lets its worker go at once; ZeroMQ
+heartbeats close connections silent for 1.5 heartbeat intervals.
+
+Durability (``state_dir=``): the state machine journals every change that must survive
+(:mod:`~.journal`); the loop writes the records of each batch of messages, flushes them (one
+fsync per batch with ``journal_sync="batch"``, the default group commit; ``"always"``: one per
+record; ``"none"``: none) and only then sends the replies, so an acknowledged commit is on disk.
+Every ``snapshot_every`` versions, and at :meth:`Coordinator.stop`, a snapshot is written and
+the log restarted. A coordinator created on an existing ``state_dir`` restores the newest
+snapshot and replays the log (:attr:`Coordinator.restored`), before it binds.
 
 Defaults (every one from :mod:`chronos.distributed.defaults`): window 3, staleness 4, decay
 0.5 (``aggregation="buffered"`` only), ``aggregation="latest"`` (every async step averages each
@@ -36,8 +53,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -50,7 +69,9 @@ from chronos.core.errors import ChronosError, ConfigError
 from chronos.core.problem import OptimizerSpec
 from chronos.core.tensordict import TensorDict
 from chronos.distributed.defaults import resolve_outer_optimizer
-from chronos.distributed.messages import ErrorReply, ShutdownNotice
+from chronos.distributed.guard import LogLimiter, PeerBudget
+from chronos.distributed.journal import Journal, SyncPolicy
+from chronos.distributed.messages import ErrorReply, HeartbeatAck, ShutdownNotice
 from chronos.distributed.protocol import (
     DEFAULT_LIMITS,
     DecodeError,
@@ -58,6 +79,7 @@ from chronos.distributed.protocol import (
     decode,
     encode,
     error_reply,
+    limits_for,
 )
 from chronos.distributed.state import (
     DEFAULT_MAX_DELTA_LAG,
@@ -72,6 +94,7 @@ __all__ = ["Coordinator"]
 log = logging.getLogger("chronos.coordinator")
 
 _BATCH = 256  # messages handled per wake-up before the loop looks at the clock again
+_RECENT_FDS = 4096
 
 
 class _Unset(enum.Enum):
@@ -84,13 +107,6 @@ class _Unset(enum.Enum):
 
 
 _UNSET: Final = _Unset.UNSET
-
-
-def _identity_name(identity: bytes) -> str:
-    try:
-        return identity.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + identity.hex()
 
 
 class Coordinator:
@@ -136,6 +152,14 @@ class Coordinator:
             with the worker's codec; checkouts of workers with a lossy codec are coded deltas
             (see :mod:`~.state`, "Codecs" and "Delta checkouts").
         max_delta_lag: a worker more than this many versions behind gets a full λ, not a delta.
+        state_dir: make the state durable in this directory (created if missing; one
+            coordinator at a time): restored from it on construction, journaled while running.
+        journal_sync: ``"batch"`` (default: one fsync per batch of messages), ``"always"`` (one
+            per record) or ``"none"`` (leave it to the OS: survives a process crash, not a
+            power loss).
+        snapshot_every: versions between snapshots (each ends a log segment).
+        key_names: CURVE public key (Z85 str) → the worker id it may register (see
+            :class:`~chronos.distributed.keys.KeyRing`).
     """
 
     def __init__(
@@ -164,6 +188,10 @@ class Coordinator:
         config: CoordinatorConfig | None = None,
         codecs: Iterable[str] | None = None,
         max_delta_lag: int = DEFAULT_MAX_DELTA_LAG,
+        state_dir: str | os.PathLike[str] | None = None,
+        journal_sync: SyncPolicy = "batch",
+        snapshot_every: int = 100,
+        key_names: Mapping[str, str] | None = None,
     ) -> None:
         settings: dict[str, Any] = {
             "mode": mode,
@@ -202,10 +230,39 @@ class Coordinator:
                     "default_outer_params()"
                 )
             outer_params = problem.default_outer_params()
+        if type(snapshot_every) is not int or snapshot_every < 1:
+            raise ConfigError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
+        if journal_sync not in ("always", "batch", "none"):
+            raise ConfigError(f"journal_sync must be 'always', 'batch' or 'none', got "
+                              f"{journal_sync!r}")
         self._state = CoordinatorState(
-            outer_params, config, codecs=codecs, max_delta_lag=max_delta_lag
+            outer_params, config, codecs=codecs, max_delta_lag=max_delta_lag,
+            durable=state_dir is not None, key_names=key_names,
         )
         self.config = config
+        if limits is DEFAULT_LIMITS:
+            limits = limits_for(self._state.outer_params)
+        self.limits = limits
+        """The decoder's bounds (default: :func:`limits_for` λ)."""
+        self._journal: Journal | None = None
+        self._snapshot_every = snapshot_every
+        self.restored: dict[str, Any] | None = None
+        """With ``state_dir``: what was restored (``version``, ``snapshot``, ``records``)."""
+        if state_dir is not None:
+            self._journal = Journal(state_dir, sync=journal_sync)
+            try:
+                tree, records = self._journal.restore()
+                n = self._state.restore(tree, records)
+            except BaseException:
+                self._journal.close()
+                raise
+            self.restored = {"version": self._state.version,
+                             "snapshot": None if tree is None else int(tree["meta"]["version"]),
+                             "records": n}
+            if tree is not None or n:
+                log.info("restored version %d from %s (snapshot %s + %d log records)",
+                         self._state.version, self._journal.path, self.restored["snapshot"], n)
+        self._last_snapshot = self._state.version
         self._bind = (host, port, allow_remote, curve, limits)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -215,7 +272,15 @@ class Coordinator:
         self._transport: ServerTransport | None = None
         self._startup_error: BaseException | None = None
         self._address: str | None = None
-        self._identities: dict[str, bytes] = {}
+        self._fds: dict[str, int] = {}  # registered workers' connections -> socket fd
+        # the fds of the last connections heard from (registered or not): a close of one of
+        # those that is no worker's needs no probe
+        self._recent_fds: OrderedDict[int, str] = OrderedDict()
+        self._suspects: dict[str, list[float]] = {}  # connection -> times to probe it again
+        self._outbox: list[Outgoing] = []  # durable: sent once their records are flushed
+        self._logs = LogLimiter()
+        self._budget = PeerBudget()
+        self._next_prune = 0.0
         self._net: dict[str, int] = {
             "bytes_received": 0,
             "bytes_sent": 0,
@@ -246,6 +311,8 @@ class Coordinator:
         """Tell workers to stop, close the socket and join the thread (idempotent)."""
         self._stop.set()
         thread = self._thread
+        if thread is None and self._journal is not None:  # never started: release state_dir
+            self._journal.close()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
@@ -325,6 +392,11 @@ class Coordinator:
         else:
             by_op = {}
         out["bytes_by_op"] = by_op  # op -> sent / received / messages_sent / messages_received
+        out["log_lines_suppressed"] = self._logs.suppressed
+        out["error_replies_throttled"] = self._budget.refused
+        if self._journal is not None:
+            out["journal"] = dict(self._journal.stats)
+            out["restored"] = self.restored
         out["bytes_by_channel"] = {"zmq": totals(by_op)}
         out["uptime_s"] = 0.0 if self._started_at is None else time.monotonic() - self._started_at
         return out
@@ -338,72 +410,196 @@ class Coordinator:
 
     def _run(self) -> None:
         host, port, allow_remote, curve, limits = self._bind
+        hb = self.config.heartbeat_interval
         try:
             self._transport = ServerTransport(
-                host=host, port=port, curve=curve, allow_remote=allow_remote, limits=limits
+                host=host, port=port, curve=curve, allow_remote=allow_remote, limits=limits,
+                peer_timeout_ms=max(2, int(1500 * hb)),
             )
             self._address = self._transport.address
         except BaseException as e:  # reported to start()'s caller
             self._startup_error = e
             self._ready.set()
+            if self._journal is not None:
+                self._journal.close()
             return
         self._started_at = time.monotonic()
         self._ready.set()
         transport = self._transport
-        poll_s = min(0.05, self.config.heartbeat_interval / 4)
+        poll_s = min(0.05, hb / 4)
         poll_ms = max(1, int(poll_s * 1000))
         next_tick = 0.0
         try:
             while not self._stop.is_set():
                 # everything already queued (at most _BATCH), each answered as soon as handled
+                # (durable: once the batch's records are on disk, one flush for all)
                 for identity, frames in transport.poll(timeout_ms=poll_ms, max_messages=_BATCH):
                     self._on_frames(identity, frames)
                 now = time.monotonic()
+                gone = transport.disconnected()
+                if gone or self._suspects:
+                    self._probe(gone, now)
                 if now >= next_tick:  # handle() already does what tick() would at its time
                     with self._lock:
                         out = self._state.tick(now)
                     self._send_all(out)
                     next_tick = now + poll_s
+                    if now >= self._next_prune:
+                        self._budget.prune(now)
+                        self._next_prune = now + 5.0
+                self._flush()
             self._shutdown_workers()
         except Exception:  # a bug, not a peer's doing: never die silently
             log.exception("coordinator loop crashed")
         finally:
-            transport.close()
-            self._done.set()
+            try:
+                self._close_journal()
+            finally:
+                transport.close()
+                self._done.set()
 
     def _on_frames(self, identity: bytes, frames: Any) -> None:
         assert self._transport is not None
-        name = _identity_name(identity)
+        transport = self._transport
+        conn = identity.hex()  # never the peer's own words: hex cannot be spoofed into another
+        fd = transport.last_fds.pop(identity, None)
+        principal = transport.last_users.pop(identity, None)
         try:
             # tensor values are checked by the state machine (check_hypergradient refuses
             # NaN/Inf in a commit, the only inbound message with tensors; it refuses the others
             # unread): one finiteness pass over a big hypergradient instead of two
-            msg = decode(frames, self._transport.limits, check_finite=False)
+            msg = decode(frames, transport.limits, check_finite=False)
         except DecodeError as e:
             self._net["decode_errors"] += 1
-            log.warning("refused a message from %s: %s (%s)", name, e.code, e)
-            self._transport.send(identity, encode(error_reply(e)))
+            now = time.monotonic()
+            line = self._logs.admit(e.code, f"refused a message from connection {conn}: "
+                                    f"{e.code} ({e})", now)
+            if line is not None:
+                log.warning("%s", line)
+            if self._budget.spend(conn, now):
+                transport.send(identity, encode(error_reply(e)))
             return
-        self._identities[name] = identity
-        with self._lock:  # owned: the decoded tensors are ours alone (reused, not copied)
-            out = self._state.handle(name, msg, time.monotonic(), owned=True)
+        try:
+            with self._lock:  # owned: the decoded tensors are ours alone (reused, not copied)
+                out = self._state.handle(conn, msg, time.monotonic(), owned=True,
+                                         principal=principal)
+                bound = self._state.worker_of(conn) is not None
+        except Exception:  # a bug in the state machine: report it, keep serving the others
+            self._net["internal_errors"] = self._net.get("internal_errors", 0) + 1
+            line = self._logs.admit("internal", f"internal error handling {msg.op} from "
+                                    f"connection {conn}", time.monotonic())
+            if line is not None:
+                log.exception("%s", line)
+            return
+        if fd is not None:
+            self._recent_fds[fd] = conn
+            self._recent_fds.move_to_end(fd)
+            if len(self._recent_fds) > _RECENT_FDS:
+                self._recent_fds.popitem(last=False)
+        if bound and fd is not None:
+            self._fds[conn] = fd
+        elif not bound:
+            self._fds.pop(conn, None)
         self._send_all(out)
 
-    def _send_all(self, out: list[Outgoing]) -> None:
+    def _probe(self, fds: list[int], now: float) -> None:
+        """Connections closed (``fds``) or still suspected: find the registered workers whose
+        connection is gone (a probe to them fails at once) and let them go. A closed fd names
+        its worker; a probe that still gets through is repeated 50 ms and 0.5 s later (the
+        socket may not have processed the close yet)."""
         assert self._transport is not None
-        for o in out:
-            if isinstance(o.message, ErrorReply):
-                log.warning("error reply to %s: %s: %s", o.to, o.message.code, o.message.message)
-            identity = self._identities.get(o.to, o.to.encode("utf-8"))
-            self._transport.send(identity, encode(o.message))
+        for fd in fds:
+            named = [c for c, f in self._fds.items() if f == fd]
+            if not named and fd not in self._recent_fds:
+                named = list(self._fds)  # a connection we cannot place: check every worker
+            self._recent_fds.pop(fd, None)
+            for conn in named:
+                self._suspects.setdefault(conn, [now, now + 0.05, now + 0.5])
+        due = [c for c, times in self._suspects.items() if times[0] <= now]
+        if not due:
+            return
+        with self._lock:
+            probe = encode(HeartbeatAck(request_id=-1, version=self._state.version))
+        for conn in due:
+            times = self._suspects[conn]
+            times.pop(0)
+            if self._transport.reachable(bytes.fromhex(conn), probe):
+                if not times:
+                    del self._suspects[conn]
+                continue
+            del self._suspects[conn]
+            self._fds.pop(conn, None)
+            with self._lock:
+                out = self._state.disconnected(conn, time.monotonic())
+            log.info("connection %s closed: its worker left at once", conn)
+            self._send_all(out)
+
+    def _send_all(self, out: list[Outgoing]) -> None:
+        """Send (durable: queue until :meth:`_flush` wrote the events' records)."""
+        if self._journal is not None:
+            self._outbox.extend(out)
+        else:
+            self._deliver(out)
+        if self._state.done and not self._done.is_set() and self._journal is None:
+            self._done.set()
+
+    def _flush(self) -> None:
+        """Durable: write the journal records of everything handled since the last flush
+        (one fsync with ``journal_sync="batch"``), then send the replies they acknowledge;
+        snapshot every ``snapshot_every`` versions."""
+        journal = self._journal
+        if journal is None:
+            return
+        with self._lock:
+            records = self._state.drain_records()
+            version = self._state.version
+        for r in records:
+            journal.append(r)
+        if records:
+            journal.flush()
+        out, self._outbox = self._outbox, []
+        self._deliver(out)
+        if version - self._last_snapshot >= self._snapshot_every:
+            self._snapshot()
         if self._state.done and not self._done.is_set():
             self._done.set()
 
+    def _snapshot(self) -> None:
+        assert self._journal is not None
+        with self._lock:
+            tree = self._state.durable_state()
+            version = self._state.version
+        self._journal.snapshot(tree, version)
+        self._last_snapshot = version
+
+    def _close_journal(self) -> None:
+        if self._journal is None:
+            return
+        try:
+            self._flush()
+            if self._state.version != self._last_snapshot:
+                self._snapshot()  # a clean stop leaves (almost) nothing to replay
+        finally:
+            self._journal.close()
+
+    def _deliver(self, out: list[Outgoing]) -> None:
+        assert self._transport is not None
+        now = time.monotonic()
+        for o in out:
+            if isinstance(o.message, ErrorReply):
+                if not self._budget.spend(o.to, now):
+                    continue
+                line = self._logs.admit(o.message.code, f"error reply to connection {o.to}: "
+                                        f"{o.message.code}: {o.message.message}", now)
+                if line is not None:
+                    log.warning("%s", line)
+            self._transport.send(bytes.fromhex(o.to), encode(o.message))
+
     def _shutdown_workers(self) -> None:
         assert self._transport is not None
+        self._flush()
         with self._lock:
-            workers = self._state.workers
-        for w in workers:
-            identity = self._identities.get(w, w.encode("utf-8"))
-            self._transport.send(identity, encode(ShutdownNotice(request_id=-1,
-                                                                 reason="coordinator stopped")))
+            conns = list(self._state.connections.values())
+        for conn in conns:
+            self._transport.send(bytes.fromhex(conn), encode(
+                ShutdownNotice(request_id=-1, reason="coordinator stopped")))

@@ -14,6 +14,10 @@ stopped: workers ignore SIGINT (the launcher owns Ctrl-C), leave on the coordina
 ShutdownNotice, stop cleanly on SIGTERM, and stop by themselves if the launcher
 dies.
 
+With ``max_restarts`` > 0 a worker process that dies before the job is done (a non-zero exit
+code, e.g. killed by a signal) is started again with the same rank, id (``worker-RANK``) and
+settings, up to ``max_restarts`` times per worker (see :func:`run_local`).
+
 A PROBLEM module in the current directory (``myprob:make``) is found as with ``python -m``: the
 launcher puts the current directory on ``sys.path`` (:func:`add_cwd_to_path`) and hands its
 import path to every worker process. ``seed`` seeds ``random``, NumPy and torch in the launcher
@@ -58,6 +62,7 @@ from chronos.distributed.coordinator import Coordinator
 from chronos.distributed.group import GroupSpec, free_port
 from chronos.distributed.group_worker import GroupSettings, check_group_problem, group_main
 from chronos.distributed.inner_sync import SyncPolicy
+from chronos.distributed.keys import load_coordinator_keys, load_worker_keys
 from chronos.distributed.worker import Worker, WorkerConfig, unroll_momentum
 
 __all__ = [
@@ -280,8 +285,16 @@ class RunConfig:
     comes first): equal work per worker, for comparisons. ``worker_options``: further
     :class:`~chronos.distributed.worker.WorkerConfig` fields (``codec``, ``max_skip``,
     ``target_rate``, ``local_lr``, ``amortized``...). ``stale_correction``, ``aggregation``: see
-    :class:`~chronos.distributed.aggregation.CoordinatorConfig`. Every other default comes from
-    :mod:`~chronos.distributed.defaults`.
+    :class:`~chronos.distributed.aggregation.CoordinatorConfig`. ``max_restarts``: how many
+    times :func:`run_local` starts a worker again (same rank, same id ``worker-RANK``, same
+    settings) after its process died before the job was done (0: never; not with worker
+    groups, ``group_size > 1``: a restarted rank cannot rejoin its group's
+    ``torch.distributed`` world). ``curve_keys`` (a directory from ``chronos keys generate``):
+    CURVE on every connection, worker ``worker-RANK`` with its own key pair
+    (``allowed_keys``: another directory of admitted public keys). ``state_dir``: the
+    coordinator's state is durable there, and a job started on an existing one resumes from
+    it (see :class:`~chronos.distributed.coordinator.Coordinator`). Every other default comes
+    from :mod:`~chronos.distributed.defaults`.
     """
 
     problem: str
@@ -313,6 +326,10 @@ class RunConfig:
     sync: str = "significance"
     group_hypergradient: str = "cg"
     group_codec: str = "identity"
+    max_restarts: int = 0
+    curve_keys: str | None = None
+    allowed_keys: str | None = None
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.problem, str):
@@ -346,6 +363,14 @@ class RunConfig:
                 "(workers counts every process: workers=4, group_size=2 is two groups of two)"
             )
         self.group_settings()  # validates sync / group_hypergradient / group_codec
+        if not _is_int(self.max_restarts) or self.max_restarts < 0:
+            raise ConfigError(f"max_restarts must be an int >= 0, got {self.max_restarts!r}")
+        if g > 1 and self.max_restarts:
+            raise ConfigError(
+                f"max_restarts={self.max_restarts} needs group_size=1: a restarted process "
+                "cannot rejoin its worker group's torch.distributed world; drop the restarts "
+                "(chronos run --restart-workers / --max-restarts) or the worker groups"
+            )
         if g > 1 and (self.hypergradient != "implicit" or self.worker_options.get("amortized")):
             raise ConfigError(
                 "a worker group computes implicit hypergradients (distributed CG) and solves "
@@ -383,7 +408,11 @@ class RunConfig:
 class RunResult:
     """What a local job did. ``stats``: the coordinator's; ``worker_stats``: each worker's
     final :meth:`~chronos.distributed.worker.Worker.stats` by worker id (workers that exited
-    cleanly; a killed or failed one is missing)."""
+    cleanly; a killed or failed one is missing). ``worker_restarts``: how many times each
+    restarted worker was started again (by worker id; workers never restarted are left out).
+    A restarted worker's ``worker_stats`` and ``worker_exitcodes`` entry are those of its last
+    process (the earlier ones died without reporting; the coordinator's ``stats["workers"]``
+    counts every process under the same id)."""
 
     outer_params: dict[str, torch.Tensor]
     version: int
@@ -394,6 +423,7 @@ class RunResult:
     completed: bool
     interrupted: bool = False
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worker_restarts: dict[str, int] = field(default_factory=dict)
 
     def bytes_by_op(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per-op wire counters: ``{"coordinator": {op: {...}}, "workers": {op: {...}}}``
@@ -411,8 +441,8 @@ class RunResult:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly summary (λ as lists), with ``bytes_by_op`` (:meth:`bytes_by_op`) and
-        ``worker_stats``."""
+        """JSON-friendly summary (λ as lists), with ``bytes_by_op`` (:meth:`bytes_by_op`),
+        ``worker_stats`` and ``worker_restarts``."""
         return {
             "version": self.version,
             "wall_time_s": self.wall_time,
@@ -423,6 +453,7 @@ class RunResult:
             "bytes_by_op": self.bytes_by_op(),
             "worker_stats": self.worker_stats,
             "worker_exitcodes": list(self.worker_exitcodes),
+            "worker_restarts": dict(self.worker_restarts),
         }
 
 
@@ -454,20 +485,34 @@ def run_local(
     progress_interval: float = 1.0,
     *,
     track_outer_params: bool = False,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Start the coordinator and ``cfg.workers`` worker processes; run until done.
 
     ``progress`` (if given) is called about every ``progress_interval`` seconds with the
     coordinator's :meth:`~Coordinator.stats` plus ``outer_loss`` (the mean over the last
     ``workers`` steps: each step's loss comes from one worker's shard), ``elapsed_s``,
-    ``commits_per_s`` (accepted) and ``workers_running``; with ``track_outer_params`` also
+    ``commits_per_s`` (accepted), ``workers_running``, ``worker_pids`` (one per rank: the pid
+    of its running process, ``None`` while it has none: exited, or waiting to be restarted)
+    and ``worker_restarts`` (as in :class:`RunResult`); with ``track_outer_params`` also
     ``outer_params``, a copy of λ at that moment (for benchmarks that trace λ over time).
+    ``on_start`` (if given) is called once with the coordinator's address (``tcp://HOST:PORT``)
+    as soon as it is bound, before the workers start: where more workers can attach.
+
+    Restarts (``cfg.max_restarts`` > 0): a worker process that exits with a non-zero code (or
+    is killed by a signal) while the job is not done is started again with the same rank, id
+    and settings, at most ``max_restarts`` times per worker; each restart is logged as a
+    warning. The new process starts once the coordinator has let go of the dead one's id (it
+    expired or was noticed gone; at the latest ``lease_timeout`` + 2 s after the death), since
+    a live id cannot register twice. A worker whose restarts are spent is left dead, as
+    without restarts. A restarted worker does ``max_iterations`` rounds afresh.
 
     Returns when the coordinator reached ``max_steps`` (``completed``), every worker process
-    exited, or ``timeout`` passed. Ctrl-C raises :class:`RunInterrupted` (with the partial
-    result), but only after every worker process was stopped; a Ctrl-C before the coordinator
-    started raises a plain ``KeyboardInterrupt``. Every process started here is stopped
-    (ShutdownNotice, then SIGTERM, then SIGKILL) before this returns or raises.
+    exited (none waiting for a restart), or ``timeout`` passed. Ctrl-C raises
+    :class:`RunInterrupted` (with the partial result), but only after every worker process was
+    stopped; a Ctrl-C before the coordinator started raises a plain ``KeyboardInterrupt``.
+    Every process started here is stopped (ShutdownNotice, then SIGTERM, then SIGKILL) before
+    this returns or raises.
     """
     import_path = (add_cwd_to_path(),)
     seed_everything(cfg.seed)
@@ -487,12 +532,19 @@ def run_local(
     })
     unroll_momentum(problem, base)  # an unrolled hypergradient it cannot replay fails here
     del problem
+    ring = None if cfg.curve_keys is None else load_coordinator_keys(cfg.curve_keys,
+                                                                     cfg.allowed_keys)
+    worker_curves = [None if cfg.curve_keys is None else
+                     load_worker_keys(cfg.curve_keys, f"worker-{rank}")
+                     for rank in range(cfg.workers)]  # a missing key fails here, at once
     coordinator = make_coordinator(
         outer0, settings, port=cfg.port, mode=cfg.mode, num_workers=cfg.num_groups,
         max_in_flight=cfg.max_in_flight, max_staleness=cfg.max_staleness, decay=cfg.decay,
         max_steps=cfg.max_steps, lease_timeout=cfg.lease_timeout,
         heartbeat_interval=cfg.heartbeat_interval, stale_correction=cfg.stale_correction,
-        aggregation=cfg.aggregation,
+        aggregation=cfg.aggregation, state_dir=cfg.state_dir,
+        curve=None if ring is None else ring.server,
+        key_names=None if ring is None else ring.key_names,
     )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()  # (rank, final worker stats) from each worker that ends cleanly
@@ -501,38 +553,55 @@ def run_local(
     def collect() -> None:
         while not results.empty():
             rank, final = results.get()
-            worker_stats[int(rank)] = final
+            worker_stats[int(rank)] = final  # a restarted rank: its last process's
 
     procs: list[Any] = []
+    delays = cfg.straggler_delays()
+    ports: list[int] = []
+
+    def spawn(rank: int) -> None:
+        """Start worker ``rank``'s process (again) and put it in ``procs[rank]``."""
+        wcfg = replace(base, coordinator_addr=coordinator.address,
+                       worker_id=f"worker-{rank}", straggler_delay=delays[rank],
+                       curve=worker_curves[rank])
+        target: Callable[..., None] = worker_main
+        args: tuple[Any, ...] = (cfg.problem, rank, cfg.workers, wcfg)
+        if grouped:
+            g = cfg.group_size
+            gspec = GroupSpec(rank=rank % g, world_size=g, port=ports[rank // g],
+                              timeout=max(30.0, cfg.lease_timeout))
+            target = group_main
+            settings_g = replace(cfg.group_settings(), max_iter=base.max_iter, tol=base.tol,
+                                 damping=base.damping, warm_start=base.warm_start)
+            args = (cfg.problem, rank, cfg.workers, gspec, settings_g, wcfg)
+        p = ctx.Process(target=target, args=args,
+                        kwargs={"import_path": import_path, "seed": cfg.seed,
+                                "result_queue": results,
+                                "max_iterations": cfg.max_iterations},
+                        name=f"chronos-worker-{rank}", daemon=True)
+        # the child inherits SIG_IGN: Ctrl-C is the launcher's to handle (ignored only
+        # for the few ms of the start itself, so a Ctrl-C between starts is seen)
+        with _sigint_ignored():
+            p.start()
+            if rank < len(procs):
+                procs[rank] = p
+            else:
+                procs.append(p)
+
+    restartable = cfg.max_restarts > 0 and not grouped  # RunConfig refuses groups + restarts
+    restarts: dict[int, int] = {}  # rank -> processes started after the first
+    pending: dict[int, float] = {}  # rank -> restart it at the latest then (perf_counter)
     t0 = time.perf_counter()
     completed = False
     interrupted = False
     try:
         coordinator.start()
-        ports = [free_port() for _ in range(cfg.num_groups)] if grouped else []
-        for rank, delay in enumerate(cfg.straggler_delays()):
-            wcfg = replace(base, coordinator_addr=coordinator.address,
-                           worker_id=f"worker-{rank}", straggler_delay=delay)
-            target: Callable[..., None] = worker_main
-            args: tuple[Any, ...] = (cfg.problem, rank, cfg.workers, wcfg)
-            if grouped:
-                g = cfg.group_size
-                gspec = GroupSpec(rank=rank % g, world_size=g, port=ports[rank // g],
-                                  timeout=max(30.0, cfg.lease_timeout))
-                target = group_main
-                settings_g = replace(cfg.group_settings(), max_iter=base.max_iter, tol=base.tol,
-                                     damping=base.damping, warm_start=base.warm_start)
-                args = (cfg.problem, rank, cfg.workers, gspec, settings_g, wcfg)
-            p = ctx.Process(target=target, args=args,
-                            kwargs={"import_path": import_path, "seed": cfg.seed,
-                                    "result_queue": results,
-                                    "max_iterations": cfg.max_iterations},
-                            name=f"chronos-worker-{rank}", daemon=True)
-            # the child inherits SIG_IGN: Ctrl-C is the launcher's to handle (ignored only
-            # for the few ms of the start itself, so a Ctrl-C between starts is seen)
-            with _sigint_ignored():
-                p.start()
-                procs.append(p)
+        if on_start is not None:
+            on_start(coordinator.address)
+        if grouped:
+            ports = [free_port() for _ in range(cfg.num_groups)]
+        for rank in range(cfg.workers):
+            spawn(rank)
         deadline = t0 + cfg.timeout
         next_report = t0
         failed: set[int] = set()
@@ -543,13 +612,33 @@ def run_local(
                 break
             now = time.perf_counter()
             if progress is not None and now >= next_report:
-                progress(_progress_stats(coordinator, now - t0, procs, track_outer_params))
+                progress(_progress_stats(coordinator, now - t0, procs, track_outer_params,
+                                         restarts))
                 next_report = now + progress_interval
             for rank, p in enumerate(procs):
-                if rank not in failed and p.exitcode not in (None, 0):
-                    failed.add(rank)
+                if rank in failed or rank in pending or p.exitcode in (None, 0):
+                    continue
+                used = restarts.get(rank, 0)
+                if restartable and used < cfg.max_restarts:
+                    log.warning("worker %d exited with code %s; restarting it (restart %d of "
+                                "%d)", rank, p.exitcode, used + 1, cfg.max_restarts)
+                    pending[rank] = now + cfg.lease_timeout + 2.0
+                    continue
+                failed.add(rank)
+                if restartable:
+                    log.error("worker %d exited with code %s; not restarting it: its %d "
+                              "restarts are spent", rank, p.exitcode, cfg.max_restarts)
+                else:
                     log.error("worker %d exited with code %s", rank, p.exitcode)
-            if all(not p.is_alive() for p in procs):
+            if pending:
+                alive = _registered_workers(coordinator)
+                for rank, latest in sorted(pending.items()):
+                    if f"worker-{rank}" in alive and now < latest:
+                        continue  # its id is still taken: a Register now would be refused
+                    del pending[rank]
+                    restarts[rank] = restarts.get(rank, 0) + 1
+                    spawn(rank)
+            if not pending and all(not p.is_alive() for p in procs):
                 if cfg.max_iterations is not None and all(p.exitcode == 0 for p in procs):
                     completed = True  # every worker did its max_iterations rounds
                 else:
@@ -561,7 +650,7 @@ def run_local(
                 break
         if progress is not None:
             progress(_progress_stats(coordinator, time.perf_counter() - t0, procs,
-                                     track_outer_params))
+                                     track_outer_params, restarts))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -581,10 +670,19 @@ def run_local(
         completed=completed,
         interrupted=interrupted,
         worker_stats={f"worker-{r}": worker_stats[r] for r in sorted(worker_stats)},
+        worker_restarts={f"worker-{r}": n for r, n in sorted(restarts.items())},
     )
     if interrupted:
         raise RunInterrupted(result)
     return result
+
+
+def _registered_workers(coordinator: Coordinator) -> set[str]:
+    """Worker ids the coordinator holds as alive (registered, not yet expired or gone)."""
+    workers = coordinator.stats().get("workers")
+    if not isinstance(workers, dict):
+        return set()
+    return {w for w, rec in workers.items() if not isinstance(rec, dict) or rec.get("alive")}
 
 
 @contextmanager
@@ -601,7 +699,8 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 def _progress_stats(
-    coordinator: Coordinator, elapsed: float, procs: list[Any], with_params: bool = False
+    coordinator: Coordinator, elapsed: float, procs: list[Any], with_params: bool = False,
+    restarts: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     s = coordinator.stats()
     if with_params:
@@ -611,7 +710,10 @@ def _progress_stats(
     s["outer_loss"] = sum(window) / len(window) if window else float("nan")
     s["elapsed_s"] = elapsed
     s["commits_per_s"] = s.get("commits_accepted", 0) / elapsed if elapsed > 0 else 0.0
-    s["workers_running"] = sum(p.is_alive() for p in procs)
+    alive = [p.is_alive() for p in procs]
+    s["workers_running"] = sum(alive)
+    s["worker_pids"] = [p.pid if a else None for p, a in zip(procs, alive, strict=True)]
+    s["worker_restarts"] = {f"worker-{r}": n for r, n in sorted((restarts or {}).items())}
     return s
 
 

@@ -28,6 +28,7 @@ from typing import ClassVar, Literal
 from chronos.core.tensordict import TensorDict
 
 __all__ = [
+    "MAX_ID_CHARS",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "Checkout",
@@ -48,6 +49,10 @@ __all__ = [
     "Registered",
     "ShutdownNotice",
 ]
+
+MAX_ID_CHARS = 128
+"""Longest worker id or commit id a coordinator accepts (ids are kept in memory and in the
+journal)."""
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a peer speaking another version gets an error reply."""
@@ -70,6 +75,8 @@ ErrorCode = Literal[
     "shutting_down",
     "unsupported_codec",  # Register names a codec this coordinator does not accept
     "codec_mismatch",  # a Commit's codec is not the one its worker registered
+    "not_owner",  # the worker id belongs to another connection (or CURVE key)
+    "no_lease",  # a commit without a lease held by its worker
 ]
 
 

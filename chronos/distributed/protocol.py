@@ -88,6 +88,7 @@ __all__ = [
     "encode",
     "encoded_size",
     "error_reply",
+    "limits_for",
     "peek_op",
 ]
 
@@ -133,13 +134,17 @@ class DecodeLimits:
         max_tensor_bytes: largest single tensor frame.
         max_total_bytes: largest message, all frames together.
         max_rank: most dimensions per tensor (violations → ``bad_tensor``).
+        max_header_items: most entries of any map or array in the header (a message has a
+            dozen fields; ``metrics`` / ``info`` a few entries), so a crafted header with
+            100,000 keys is refused by the msgpack reader itself, in microseconds.
     """
 
     max_frames: int = 4097
-    max_header_bytes: int = 1 << 20
+    max_header_bytes: int = 1 << 18
     max_tensor_bytes: int = 1 << 30
     max_total_bytes: int = 1 << 30
     max_rank: int = 16
+    max_header_items: int = 256
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -149,6 +154,21 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
+
+
+def limits_for(outer_params: Mapping[str, Tensor], slack: int = 1 << 20) -> DecodeLimits:
+    """Bounds for a coordinator serving λ = ``outer_params``: a tensor frame at most
+    ``4 × bytes(λ) + slack`` (a dense hypergradient is ``bytes(λ)``; a coded one — values
+    plus int64 indices — at most 3× that), a message at most that plus ``slack``. For
+    λ of 8 kB that is about 1 MiB and 2 MiB, not the 1 GiB of :data:`DEFAULT_LIMITS`: what one
+    connection can make the coordinator hold stays small (pass ``limits=`` for more).
+
+    >>> limits_for({"w": torch.zeros(2000)}).max_total_bytes
+    2129152
+    """
+    size = sum(int(t.numel()) * t.element_size() for t in outer_params.values())
+    tensor = 4 * size + slack
+    return DecodeLimits(max_tensor_bytes=tensor, max_total_bytes=tensor + slack)
 
 
 # -- field validators, compiled once per message class from its type hints -----------------------
@@ -601,8 +621,8 @@ def decode(
             ext_hook=_no_ext,
             max_str_len=hb,
             max_bin_len=hb,
-            max_array_len=hb,
-            max_map_len=hb,
+            max_array_len=max(limits.max_header_items, limits.max_frames),
+            max_map_len=limits.max_header_items,
             max_ext_len=0,
         )
     except Exception as e:  # msgpack raises many kinds (ValueError, ExtraData, StackError, …)
@@ -634,7 +654,8 @@ def decode(
             "malformed",
             f"op {op!r}: header fields do not match"
             + (f"; missing {missing}" if missing else "")
-            + (f"; unknown {[_short(x, 30) for x in extra]}" if extra else ""),
+            + (f"; unknown {[_short(x, 30) for x in extra[:5]]}" if extra else "")
+            + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""),
             request_id,
             op,
         )

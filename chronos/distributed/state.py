@@ -108,13 +108,45 @@ Rules (DESIGN.md, "Semantics that must hold"):
   commits is replaced by ``g + J_w (λ_V − λ_v)`` (capped at ``‖g‖``) and weighted 1 instead
   of ``decay ** s`` (:class:`~chronos.distributed.correction.StaleCorrector`); the reply and
   the dedupe record carry that weight, ``commits_corrected`` counts them.
-* **Idempotence.** An accepted commit id is remembered (the last ``dedupe_window`` of them);
-  re-sending it gets ``CommitReply(status="duplicate")`` with the original staleness and weight
-  and applies nothing. Rejected or refused commits are not remembered.
+* **Idempotence.** An accepted commit id is remembered *per worker* (the last
+  ``dedupe_window`` (worker id, commit id) pairs); the same worker re-sending it gets
+  ``CommitReply(status="duplicate")`` with the original staleness and weight and applies
+  nothing. Another worker using the same commit id is a different commit (no peer can squat
+  another's ids). Rejected or refused commits are not remembered.
+* **Ownership.** A worker id belongs to the connection that registered it: ``handle``'s
+  ``identity`` is the connection (the coordinator passes the ROUTER's routing id, which a peer
+  cannot choose for another's connection). Any message for that id from another connection
+  gets ``ErrorReply(code="not_owner")`` (counted in ``impersonations``) and changes nothing;
+  a connection serves one worker id. With CURVE (``principal`` = the sender's public key) an
+  id is also bound to the key that first registered it (for good: the binding is journaled),
+  and a key listed in ``key_names`` may register only the id it is named after; the same key
+  registering its id from a new connection supersedes the old registration at once
+  (``registrations_superseded``: a restarted worker needs no lease timeout).
+  :meth:`CoordinatorState.disconnected` (the coordinator saw the connection close, or stop
+  answering transport heartbeats) lets its worker go at once (``workers_disconnected``).
+* **Leases.** A commit is accepted only against a lease its worker holds; without one it gets
+  ``ErrorReply(code="no_lease")`` (``commits_without_lease``), checked before any tensor is
+  decoded — unless it is too stale to count anyway (e.g. its lease was cancelled), which is
+  rejected as before. So no peer can move λ past the version window.
+* **λ stays finite.** A step whose aggregated gradient, or the λ or optimizer state it would
+  produce (an infinite Adam moment would freeze λ), is not finite is refused: λ, its version
+  and the optimizer state stay exactly as they were, the buffered hypergradients (and the
+  "latest" table) are dropped (``steps_refused``), and the commit that completed the step gets
+  ``ErrorReply(code="non_finite")`` saying so instead of an acknowledgement.
+* **Durability** (``durable=True``). Every event that changes what must survive a restart
+  leaves a journal record (:meth:`drain_records`; :class:`~chronos.distributed.journal.Record`
+  kinds ``commit`` (with the decoded hypergradient), ``step`` (with the aggregated gradient
+  the step applied), ``lease`` / ``unlease``, ``bind``, ``discard``, ``unsee``). A state
+  rebuilt with :meth:`restore` from a :meth:`durable_state` snapshot and the records written
+  after it has the same version, λ, optimizer state, buffered commits, remembered commit ids
+  and ledger, bit for bit (a step is replayed by applying the logged gradient with the same
+  optimizer). Stale-correction histories are not journaled: they start empty after a
+  restore. Deregister is acknowledged with a ``HeartbeatAck`` carrying its request id.
 * **Bad input** (unknown or mismatched worker id, a version never issued or not matching the
   worker's lease, wrong keys/shapes/dtypes, NaN/Inf, coordinator-bound ops of the wrong
   direction): an :class:`ErrorReply` with its code, an error counter, and no other change.
-  Nothing a remote peer sends makes :meth:`handle` raise.
+  Worker and commit ids longer than :data:`MAX_ID_CHARS` are ``malformed``. Nothing a remote
+  peer sends makes :meth:`handle` raise.
 * **max_steps.** After that many steps the job is done: every registered worker gets a
   :class:`ShutdownNotice` (carrying the request id of its deferred checkout if it had one, else
   ``-1``); afterwards Checkout / Commit / Heartbeat are answered with a ShutdownNotice, Register
@@ -190,9 +222,11 @@ from chronos.distributed.aggregation import (
     sync_barrier_ready,
 )
 from chronos.distributed.correction import StaleCorrector
+from chronos.distributed.journal import Record
 from chronos.distributed.latest import LatestEntry, LatestGradients
 from chronos.distributed.ledger import WorkerLedger
 from chronos.distributed.messages import (
+    MAX_ID_CHARS,
     Checkout,
     CheckoutReply,
     Commit,
@@ -211,7 +245,9 @@ from chronos.distributed.messages import (
 )
 from chronos.distributed.protocol import apply_delta, checksum
 
-__all__ = ["DEFAULT_MAX_DELTA_LAG", "CoordinatorConfig", "CoordinatorState", "Outgoing"]
+__all__ = [
+    "DEFAULT_MAX_DELTA_LAG", "MAX_ID_CHARS", "CoordinatorConfig", "CoordinatorState", "Outgoing",
+]
 
 DEFAULT_MAX_DELTA_LAG = 8
 """A worker more than this many versions behind gets a full λ instead of a delta."""
@@ -240,8 +276,20 @@ _COUNTERS = (
     "checkouts_granted checkouts_not_modified checkouts_deferred deferred_granted "
     "checkouts_superseded commits_accepted commits_rejected commits_duplicate leases_cancelled "
     "errors checkouts_full checkouts_delta checkout_resyncs hypergradients_accepted "
-    "commits_corrected"
+    "commits_corrected registrations_superseded impersonations commits_without_lease "
+    "workers_disconnected steps_refused leases_restored"
 ).split()
+
+
+def _finite_tree(x: Any) -> bool:
+    """Whether every floating tensor in a nested optimizer state is finite."""
+    if isinstance(x, Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, Mapping):
+        return all(_finite_tree(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_finite_tree(v) for v in x)
+    return True
 
 
 class CoordinatorState:
@@ -264,6 +312,8 @@ class CoordinatorState:
         *,
         codecs: Iterable[str] | None = None,
         max_delta_lag: int = DEFAULT_MAX_DELTA_LAG,
+        durable: bool = False,
+        key_names: Mapping[str, str] | None = None,
     ) -> None:
         config = CoordinatorConfig() if config is None else config
         if not isinstance(config, CoordinatorConfig):
@@ -286,9 +336,19 @@ class CoordinatorState:
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._errors_by_code: dict[str, int] = {}
         self._accepted_by_staleness: dict[int, int] = {}
-        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # (worker id, commit id) -> (staleness, weight) of accepted commits (idempotence)
+        self._seen: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self._done = False
         self._now = -math.inf
+        self._durable = bool(durable)
+        self._records: list[Record] = []  # journal records not drained yet (durable only)
+        # CURVE key -> the worker id it may register (its key file's name), and worker id ->
+        # the key that registered it first (bindings outlive registrations)
+        self._key_names: dict[str, str] = dict(key_names or {})
+        self._keys: dict[str, str] = {}
+        self._orphans: dict[str, int] = {}  # worker -> version it held a lease on (restored)
+        self._sender, self._principal = "", None  # type: tuple[str, str | None]
+        self._refused: str | None = None
         self._reset_runtime()
 
     # -- construction helpers ---------------------------------------------------------------
@@ -315,6 +375,8 @@ class CoordinatorState:
             version=self._meta.version,
         )
         self._workers: dict[str, float] = {}  # worker id -> last seen
+        self._conn: dict[str, str] = {}  # worker id -> the connection that registered it
+        self._wid_of: dict[str, str] = {}  # connection -> worker id
         # a lower bound on the earliest worker / lease expiry: nothing can expire before it, so
         # handle() and tick() skip the sweep until then (see _sweep)
         self._next_expiry = math.inf
@@ -362,6 +424,15 @@ class CoordinatorState:
     def workers(self) -> tuple[str, ...]:
         """Ids of the registered, alive workers (as of the last event), in registration order."""
         return tuple(self._workers)
+
+    def worker_of(self, identity: str) -> str | None:
+        """The worker registered from connection ``identity``, if any."""
+        return self._wid_of.get(identity)
+
+    @property
+    def connections(self) -> dict[str, str]:
+        """Registered workers' connections: worker id → connection identity."""
+        return dict(self._conn)
 
     @property
     def pending_checkouts(self) -> dict[str, int]:
@@ -431,12 +502,16 @@ class CoordinatorState:
     # -- events -----------------------------------------------------------------------------
 
     def handle(
-        self, identity: str, msg: Message, now: float, *, owned: bool = False
+        self, identity: str, msg: Message, now: float, *, owned: bool = False,
+        principal: str | None = None,
     ) -> list[Outgoing]:
         """Handle one message from connection ``identity`` at time ``now``; return what to send.
 
         Does what :meth:`tick` would do at ``now`` first (its messages come first). Never raises
         for anything in ``msg``; raises :class:`ChronosTypeError` only for a non-finite ``now``.
+        Replies go to ``identity``; messages to other workers to the connections that
+        registered them (:attr:`connections`). ``principal`` is the sender's authenticated
+        CURVE public key, if any (see "Ownership" in the module docstring).
 
         ``owned=True`` hands ``msg``'s tensors over to the state machine (nobody else holds
         them, e.g. they were just decoded from the wire): it may then keep them and reuse their
@@ -445,6 +520,7 @@ class CoordinatorState:
         """
         now = self._clock(now)
         out = self._sweep(now) if now >= self._next_expiry else []
+        self._sender, self._principal = identity, principal
         out.extend(self._dispatch(identity, msg, now, owned))
         out.extend(self._after_change(now))  # e.g. a re-checkout dropped a window-holding lease
         return out
@@ -454,6 +530,32 @@ class CoordinatorState:
         or release a sync barrier that no live worker can complete any more."""
         now = self._clock(now)
         return self._sweep(now) if now >= self._next_expiry else []
+
+    def disconnected(self, identity: str, now: float) -> list[Outgoing]:
+        """The connection ``identity`` is gone (the peer closed it, died, or stopped answering
+        transport heartbeats): the worker it registered leaves at once, with its lease and
+        deferred checkout, instead of after ``lease_timeout``. Unknown connections: nothing."""
+        now = self._clock(now)
+        out = self._sweep(now) if now >= self._next_expiry else []
+        wid = self._wid_of.get(identity)
+        if wid is None:
+            return out
+        self._counters["workers_disconnected"] += 1
+        self._forget(wid)
+        out.extend(self._after_change(now))
+        return out
+
+    def _journal(self, kind: str, meta: dict[str, Any],
+                 tensors: Mapping[str, Tensor] | None = None) -> None:
+        if self._durable:
+            self._records.append(Record(kind, meta, dict(tensors or {})))
+
+    def drain_records(self) -> list[Record]:
+        """The journal records of the events handled since the last call (``durable=True``),
+        oldest first: write them to the log (:class:`~chronos.distributed.journal.Journal`)
+        before sending the replies of those events."""
+        out, self._records = self._records, []
+        return out
 
     def _clock(self, now: float) -> float:
         if type(now) is not float:  # the loop passes floats: check the rest only here
@@ -472,55 +574,91 @@ class CoordinatorState:
         if not isinstance(msg, _INBOUND):
             op = getattr(msg, "op", type(msg).__name__)
             accepted = [c.op for c in _INBOUND]
-            return self._error(identity, rid, "unknown_op", f"accepted: {accepted}, got {op!r}")
+            return self._error(rid, "unknown_op", f"accepted: {accepted}, got {op!r}")
         wid = msg.worker_id
-        if not isinstance(wid, str) or not wid:
-            why = f"worker_id must be a non-empty str, got {wid!r}"
-            return self._error(identity, rid, "malformed", why)
-        if wid != identity:
-            why = f"message for worker {wid!r} came from {identity!r}; speak only for yourself"
-            return self._error(identity, rid, "unknown_worker", why)
+        if not isinstance(wid, str) or not wid or len(wid) > MAX_ID_CHARS:
+            why = f"worker_id must be a non-empty str of at most {MAX_ID_CHARS} characters"
+            return self._error(rid, "malformed", f"{why}, got {repr(wid)[:80]}")
         if isinstance(msg, Register):
-            return self._on_register(msg, rid, now)
-        if wid not in self._workers:
+            return self._on_register(msg, rid, now, identity)
+        owner = self._conn.get(wid)
+        if owner is None:
             why = (
                 f"worker {wid!r} is not registered (never registered, deregistered, or expired "
                 f"after {self.config.lease_timeout}s without a message); send Register first"
             )
-            return self._error(wid, rid, "unknown_worker", why)
-        if isinstance(msg, Deregister):
+            return self._error(rid, "unknown_worker", why)
+        if owner != identity:
+            self._counters["impersonations"] += 1
+            why = (
+                f"worker {wid!r} is registered from another connection; a worker id belongs to "
+                "the connection (and CURVE key) that registered it: speak only for yourself"
+            )
+            return self._error(rid, "not_owner", why)
+        if isinstance(msg, Deregister):  # acknowledged (a HeartbeatAck with its request id)
             self._forget(wid)
             self._counters["deregistrations"] += 1
-            return []
+            return [Outgoing(identity, HeartbeatAck(request_id=rid, version=self.version))]
         if self._done:
-            return [Outgoing(wid, ShutdownNotice(request_id=rid, reason=self._done_reason()))]
+            notice = ShutdownNotice(request_id=rid, reason=self._done_reason())
+            return [Outgoing(self._conn[wid], notice)]
         if isinstance(msg, Heartbeat):
             self._touch(wid, now)
             self._counters["heartbeats"] += 1
-            return [Outgoing(wid, HeartbeatAck(request_id=rid, version=self.version))]
+            return [Outgoing(self._conn[wid], HeartbeatAck(request_id=rid, version=self.version))]
         if isinstance(msg, Checkout):
             return self._on_checkout(msg, rid, now)
         return self._on_commit(msg, rid, now, owned)
 
-    def _on_register(self, msg: Register, rid: int, now: float) -> list[Outgoing]:
+    def _on_register(self, msg: Register, rid: int, now: float, conn: str) -> list[Outgoing]:
         wid = msg.worker_id
         if self._done:
-            return self._error(wid, rid, "shutting_down", self._done_reason())
+            return self._error(rid, "shutting_down", self._done_reason())
+        key = self._principal
+        if key is not None and self._key_names.get(key, wid) != wid:
+            self._counters["impersonations"] += 1
+            why = (f"this CURVE key belongs to worker {self._key_names[key]!r}, not {wid!r}; "
+                   "register with the worker id its key file is named after")
+            return self._error(rid, "not_owner", why)
+        bound = self._keys.get(wid)
+        if bound is not None and key != bound:
+            self._counters["impersonations"] += 1
+            why = (f"worker id {wid!r} is bound to another CURVE key (the one that first "
+                   "registered it); register with that worker's key, or use another id")
+            return self._error(rid, "not_owner", why)
+        other = self._wid_of.get(conn)
+        if other is not None and other != wid:
+            self._counters["impersonations"] += 1
+            why = (f"this connection already registered worker {other!r}; one connection "
+                   "serves one worker (Deregister it first, or connect another socket)")
+            return self._error(rid, "not_owner", why)
         spec = msg.codec
-        if wid in self._workers and self._registered_by.get(wid) == (rid, msg.info, spec):
+        owner = self._conn.get(wid)
+        if owner == conn and self._registered_by.get(wid) == (rid, msg.info, spec):
             # a re-sent copy of the Register that registered this worker (its reply was slow
             # or lost): answer it again instead of calling the worker its own duplicate
             self._touch(wid, now)
-            return [Outgoing(wid, self._registered(wid, rid))]
-        if wid in self._workers:
-            why = (
-                f"worker id {wid!r} is already registered and alive; pick another id, or "
-                "Deregister first (an expired or deregistered id may register again)"
-            )
-            return self._error(wid, rid, "duplicate_worker", why)
+            return [Outgoing(conn, self._registered(wid, rid))]
+        if owner is not None:
+            if key is None or owner == conn:
+                why = (
+                    f"worker id {wid!r} is already registered and alive; pick another id, or "
+                    "Deregister first (an expired, deregistered or disconnected id may "
+                    "register again)"
+                )
+                return self._error(rid, "duplicate_worker", why)
+            # the same key on a new connection: a restart of that worker supersedes the old
+            # registration (its lease and deferred checkout go with it)
+            self._counters["registrations_superseded"] += 1
+            self._forget(wid)
         codec = self._parse_worker_codec(spec)
         if isinstance(codec, str):
-            return self._error(wid, rid, "unsupported_codec", codec)
+            return self._error(rid, "unsupported_codec", codec)
+        if key is not None and bound is None:
+            self._keys[wid] = key
+            self._journal("bind", {"w": wid, "k": key})
+        self._conn[wid] = conn
+        self._wid_of[conn] = wid
         self._workers[wid] = now
         self._registered_by[wid] = (rid, dict(msg.info), spec)
         self._copies.pop(wid, None)
@@ -533,7 +671,13 @@ class CoordinatorState:
         self._ledger.joined(wid)
         if self.config.num_workers is not None and len(self._workers) >= self.config.num_workers:
             self._started = True
-        return [Outgoing(wid, self._registered(wid, rid))]
+        restored = self._orphans.pop(wid, None)
+        if restored is not None and restored <= self.version:
+            # a lease this worker held when the coordinator went down (restored from its state
+            # directory): its in-flight commit is judged by the usual staleness rules
+            self._queue.restore_lease(wid, restored, now)
+            self._counters["leases_restored"] += 1
+        return [Outgoing(conn, self._registered(wid, rid))]
 
     def _parse_worker_codec(self, spec: object) -> Codec | str:
         """The codec a Register names, or why it is refused (a str)."""
@@ -562,7 +706,7 @@ class CoordinatorState:
     def _on_checkout(self, msg: Checkout, rid: int, now: float) -> list[Outgoing]:
         wid, have = msg.worker_id, msg.have_version
         if not is_int(have):
-            return self._error(wid, rid, "malformed", f"have_version must be an int, got {have!r}")
+            return self._error(rid, "malformed", f"have_version must be an int, got {have!r}")
         self._touch(wid, now)
         self._counters["checkouts"] += 1
         if msg.resync is True:
@@ -584,34 +728,46 @@ class CoordinatorState:
         reply = CheckoutReply(
             request_id=rid, status="deferred", version=self.version, reason=reason
         )
-        return [Outgoing(wid, reply)]
+        return [Outgoing(self._conn[wid], reply)]
 
     def _on_commit(self, msg: Commit, rid: int, now: float, owned: bool) -> list[Outgoing]:
         wid, cid = msg.worker_id, msg.commit_id
-        if not isinstance(cid, str) or not cid:
-            why = f"commit_id must be a non-empty str, got {cid!r}"
-            return self._error(wid, rid, "malformed", why)
-        if cid in self._seen:
+        if not isinstance(cid, str) or not cid or len(cid) > MAX_ID_CHARS:
+            why = f"commit_id must be a non-empty str of at most {MAX_ID_CHARS} characters"
+            return self._error(rid, "malformed", f"{why}, got {repr(cid)[:80]}")
+        seen = self._seen.get((wid, cid))
+        if seen is not None:
             self._touch(wid, now)
-            self._seen.move_to_end(cid)
-            staleness, weight = self._seen[cid]
+            self._seen.move_to_end((wid, cid))
             self._counters["commits_duplicate"] += 1
-            decision = CommitDecision(True, staleness, weight, "already applied; not applied again")
+            decision = CommitDecision(True, seen[0], seen[1], "already applied; not applied again")
             return [self._commit_reply(wid, rid, cid, "duplicate", decision)]
         updates = msg.updates
         if not is_int(updates) or updates < 1:
-            return self._error(wid, rid, "malformed", f"updates must be an int >= 1, got "
+            return self._error(rid, "malformed", f"updates must be an int >= 1, got "
                                f"{updates!r}")
+        version = msg.version
+        if self._queue.lease_of(wid) is None and wid not in self._committed:
+            # cheap, before any tensor is decoded: only a lease the worker holds can be
+            # committed; a commit too stale to count anyway (a cancelled lease) is rejected
+            stale = is_int(version) and 0 <= version <= self.version and (
+                self.version - version > self._queue.max_staleness)
+            if not stale:
+                self._counters["commits_without_lease"] += 1
+                return self._error(rid, "no_lease", (
+                    f"worker {wid!r} holds no lease on version {version!r}: commit only what "
+                    "you checked out (a lease ends with its commit, when it is cancelled, or "
+                    "when its worker disconnects); check out again"))
         grad = self._decode_commit(wid, msg)
         if isinstance(grad, tuple):
-            return self._error(wid, rid, grad[0], grad[1])
+            return self._error(rid, grad[0], grad[1])
         problem = check_hypergradient(self._meta.outer_params, grad)
         if problem is not None:
-            return self._error(wid, rid, problem[0], problem[1])
+            return self._error(rid, problem[0], problem[1])
         try:
-            decision = self._queue.commit(wid, msg.version, now)  # ends the worker's lease
+            decision = self._queue.commit(wid, version, now)  # ends the worker's lease
         except VersionError as e:
-            return self._error(wid, rid, "bad_version", str(e))
+            return self._error(rid, "bad_version", str(e))
         self._touch(wid, now)
         if decision.accepted and wid in self._committed:
             why = f"sync mode: already committed version {self.version}; wait for the barrier"
@@ -620,71 +776,66 @@ class CoordinatorState:
         if not decision.accepted:
             self._counters["commits_rejected"] += 1
             self._ledger.rejected(wid)
-        elif self._latest_mode:
-            decision = self._accept_latest(wid, msg, grad, decision, updates, owned)
-            if self._agg.count >= self._min_commits():
-                after = self._step()
+            self._journal("unlease", {"w": wid})
         else:
-            if self._corrector is not None:
-                loss = msg.metrics.get("outer_loss") if isinstance(msg.metrics, Mapping) else None
+            metrics = dict(msg.metrics) if isinstance(msg.metrics, Mapping) else None
+            loss = metrics.get("outer_loss") if metrics is not None else None
+            loss = float(loss) if isinstance(loss, (int, float)) else 0.0
+            if self._corrector is not None and self._latest_mode:
+                self._corrector.observe(wid, version, grad, loss)
+            elif self._corrector is not None:
                 grad, corrected = self._corrector.correct(
-                    wid, msg.version, decision.staleness, grad,
-                    float(loss) if isinstance(loss, (int, float)) else 0.0,
-                )
+                    wid, version, decision.staleness, grad, loss)
                 if corrected:  # an estimate at the current λ: full weight (module docstring)
                     self._counters["commits_corrected"] += 1
                     decision = dataclasses.replace(
                         decision, weight=1.0, reason="accepted, corrected to the current λ"
                     )
-            self._remember(cid, decision)
-            self._agg = add_commit(
-                self._agg,
-                grad,
-                decision.staleness,
-                decision.weight,
-                msg.metrics if isinstance(msg.metrics, Mapping) else None,
-                take=owned,  # a fresh commit's tensors then need no copy
-            )
-            self._count_accepted(wid, msg.version, decision, updates)
-            self._step_weights[wid] = self._step_weights.get(wid, 0.0) + decision.weight
-            if self.config.mode == "sync":
-                self._committed[wid] = None
-            elif self._agg.count >= self._min_commits():
+            decision = self._admit(wid, cid, version, decision, grad, updates, metrics, owned)
+            if self.config.mode == "async" and self._agg.count >= self._min_commits():
                 after = self._step()
+                if self._refused is not None:
+                    # the step this commit completed would have made λ non-finite: nothing
+                    # applied, the buffered commits dropped; say so instead of "accepted"
+                    self._seen.pop((wid, cid), None)
+                    self._journal("unsee", {"w": wid, "c": cid})
+                    return [*self._error(rid, "non_finite", self._refused), *after]
         after.extend(self._after_change(now))
         status: CommitStatus = "accepted" if decision.accepted else "rejected"
         return [self._commit_reply(wid, rid, cid, status, decision), *after]
 
-    def _count_accepted(
-        self, wid: str, version: int, decision: CommitDecision, updates: int
-    ) -> None:
+    def _admit(
+        self, wid: str, cid: str, version: int, decision: CommitDecision, grad: TensorDict,
+        updates: int, metrics: Mapping[str, Any] | None, owned: bool,
+    ) -> CommitDecision:
+        """Take an accepted commit into the aggregate ("buffered", sync) or the worker's
+        "latest" entry (weight 1), remember its id, count it and journal it. Shared by live
+        commits and the replay of a state directory's log. Returns the decision to reply with."""
+        if self._durable:
+            self._journal("commit", {
+                "w": wid, "c": cid, "v": version, "s": decision.staleness,
+                "wt": decision.weight, "u": updates, "m": None if metrics is None else
+                dict(metrics)}, td.clone(grad))
+        if self._latest_mode:
+            self._latest.put(wid, grad, version, updates=updates, take=owned)
+            decision = dataclasses.replace(
+                decision, weight=1.0,
+                reason="accepted as the worker's latest hypergradient (aggregation 'latest')",
+            )
+            self._agg = add_commit(self._agg, {}, decision.staleness, 1.0, metrics)
+        else:
+            # take=owned: a fresh commit's tensors then need no copy
+            self._agg = add_commit(
+                self._agg, grad, decision.staleness, decision.weight, metrics, take=owned)
+            self._step_weights[wid] = self._step_weights.get(wid, 0.0) + decision.weight
+            if self.config.mode == "sync":
+                self._committed[wid] = None
+        self._remember(wid, cid, decision)
         self._counters["commits_accepted"] += 1
         self._counters["hypergradients_accepted"] += updates
         s = decision.staleness
         self._accepted_by_staleness[s] = self._accepted_by_staleness.get(s, 0) + 1
         self._ledger.accepted(wid, version, decision.weight)
-
-    def _accept_latest(
-        self, wid: str, msg: Commit, grad: TensorDict, decision: CommitDecision, updates: int,
-        owned: bool,
-    ) -> CommitDecision:
-        """Aggregation "latest": the commit becomes ``wid``'s entry (weight 1); with stale
-        correction its history learns it (entries are corrected at each step). Returns the
-        decision to reply with."""
-        metrics = msg.metrics if isinstance(msg.metrics, Mapping) else None
-        if self._corrector is not None:
-            loss = metrics.get("outer_loss") if metrics is not None else None
-            self._corrector.observe(
-                wid, msg.version, grad, float(loss) if isinstance(loss, (int, float)) else 0.0
-            )
-        self._latest.put(wid, grad, msg.version, updates=updates, take=owned)
-        decision = dataclasses.replace(
-            decision, weight=1.0,
-            reason="accepted as the worker's latest hypergradient (aggregation 'latest')",
-        )
-        self._remember(msg.commit_id, decision)
-        self._agg = add_commit(self._agg, {}, decision.staleness, 1.0, metrics)
-        self._count_accepted(wid, msg.version, decision, updates)
         return decision
 
     def _decode_commit(self, wid: str, msg: Commit) -> TensorDict | tuple[ErrorCode, str]:
@@ -719,10 +870,11 @@ class CoordinatorState:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _error(self, to: str, rid: int, code: ErrorCode, message: str) -> list[Outgoing]:
+    def _error(self, rid: int, code: ErrorCode, message: str) -> list[Outgoing]:
+        """An error reply to the connection the message being handled came from."""
         self._counters["errors"] += 1
         self._errors_by_code[code] = self._errors_by_code.get(code, 0) + 1
-        return [Outgoing(to, ErrorReply(request_id=rid, code=code, message=message))]
+        return [Outgoing(self._sender, ErrorReply(request_id=rid, code=code, message=message))]
 
     def _commit_reply(
         self, wid: str, rid: int, cid: str, status: CommitStatus, decision: CommitDecision
@@ -736,7 +888,7 @@ class CoordinatorState:
             version=self.version,
             reason=decision.reason,
         )
-        return Outgoing(wid, reply)
+        return Outgoing(self._conn[wid], reply)
 
     def _min_commits(self) -> int:
         """Commits the next async step needs (``min_commits``, resolved for ``"auto"``)."""
@@ -747,16 +899,20 @@ class CoordinatorState:
         self._workers[wid] = now
         self._queue.heartbeat(wid, now)
 
-    def _remember(self, cid: str, decision: CommitDecision) -> None:
-        self._seen[cid] = (decision.staleness, decision.weight)
+    def _remember(self, wid: str, cid: str, decision: CommitDecision) -> None:
+        self._seen[(wid, cid)] = (decision.staleness, decision.weight)
         while len(self._seen) > self.config.dedupe_window:
             self._seen.popitem(last=False)
 
     def _forget(self, wid: str) -> None:
         """Drop a worker with its lease and deferred checkout."""
         self._workers.pop(wid, None)
+        conn = self._conn.pop(wid, None)
+        if conn is not None:
+            self._wid_of.pop(conn, None)
         self._pending.pop(wid, None)
-        self._lease_rids.pop(wid, None)
+        if self._lease_rids.pop(wid, None) is not None or self._queue.lease_of(wid) is not None:
+            self._journal("unlease", {"w": wid})
         self._registered_by.pop(wid, None)
         self._codecs.pop(wid, None)
         self._copies.pop(wid, None)
@@ -784,12 +940,13 @@ class CoordinatorState:
     def _grant(self, wid: str, rid: int, have: int) -> Outgoing:
         self._counters["checkouts_granted"] += 1
         self._lease_rids[wid] = rid
+        self._journal("lease", {"w": wid, "v": self.version})
         if have == self.version:
             self._counters["checkouts_not_modified"] += 1
             reply = CheckoutReply(request_id=rid, status="not_modified", version=self.version)
         else:
             reply = self._granted_reply(wid, rid, have)
-        return Outgoing(wid, reply)
+        return Outgoing(self._conn[wid], reply)
 
     def _granted_reply(self, wid: str, rid: int, have: int) -> CheckoutReply:
         """λ in full, or (a worker with a lossy codec whose copy we know) a coded delta; see
@@ -887,7 +1044,14 @@ class CoordinatorState:
 
     def _step(self) -> list[Outgoing]:
         """One outer step with ``(1/n) Σ w_i g_i`` ("buffered", sync) or the mean of the
-        latest entries ("latest"); returns shutdown notices if now done."""
+        latest entries ("latest"); returns shutdown notices if now done. A step that would make
+        λ non-finite is refused (see :meth:`_apply_step`): ``self._refused`` then says why."""
+        self._refused = None
+        if self._latest_mode and not len(self._latest):
+            # the commits counted towards this step left with their workers (they committed,
+            # then deregistered or disconnected): nothing to average
+            self._agg = empty_aggregate()
+            return []
         metrics: dict[str, Any] = aggregate_metrics(self._agg)
         if self._latest_mode:
             grad, coefficients = self._latest.mean(
@@ -901,8 +1065,26 @@ class CoordinatorState:
             grad = aggregate_gradient(self._agg)
             n = self._agg.count
             coefficients = {w: x / n for w, x in self._step_weights.items()}
-        self._ledger.stepped(coefficients)
-        self._step_weights = {}
+        record = td.clone(grad) if self._durable else None
+        if not self._apply_step(grad, coefficients, metrics):
+            return self._refuse_step()
+        if record is not None:
+            self._journal("step", {"v": self.version, "m": metrics, "coef": coefficients}, record)
+        if self._corrector is not None:
+            self._corrector.record_version(self.version, self._meta.outer_params)
+        max_steps = self.config.max_steps
+        if max_steps is not None and self._counters["steps"] >= max_steps:
+            return self._finish()
+        return self._cancel_unreachable_leases() if self.config.mode == "async" else []
+
+    def _apply_step(
+        self, grad: TensorDict, coefficients: Mapping[str, float], metrics: dict[str, Any]
+    ) -> bool:
+        """Apply the outer step with aggregated gradient ``grad`` (its memory may be reused)
+        and advance the version; ``False`` (and nothing changed) when ``grad`` or the λ it
+        would produce is not finite. Shared by live steps and the replay of a log."""
+        if not all(bool(torch.isfinite(g).all()) for g in grad.values()):
+            return False
         if self._plain_sgd:
             # λ ← λ − lr·g, the arithmetic of torch.optim.SGD(lr), written into g's memory (the
             # aggregate's own, dropped below; with owned=True a received frame's): the next λ
@@ -915,23 +1097,52 @@ class CoordinatorState:
             for k, lam in self._meta.outer_params.items():
                 g = grad[k].to(device=lam.device, dtype=lam.dtype)
                 new[k] = torch.sub(lam, g, alpha=lr, out=g)
+            if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+                return False  # λ untouched: the candidate lived in g's memory
             self._meta.adopt(new, **metrics)
         else:
+            saved = copy.deepcopy(self._optimizer.state_dict())
             for k, leaf in self._leaves.items():
                 leaf.grad = grad[k].to(device=leaf.device, dtype=leaf.dtype)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
+            if not (all(bool(torch.isfinite(v).all()) for v in self._leaves.values())
+                    and _finite_tree(self._optimizer.state_dict())):
+                # a finite λ with an infinite optimizer state (Adam's second moment of a
+                # float-max gradient) would freeze λ for good: refused as well
+                with torch.no_grad():  # back to the previous λ and optimizer state, exactly
+                    for k, leaf in self._leaves.items():
+                        leaf.copy_(self._meta.outer_params[k])
+                self._optimizer.load_state_dict(saved)
+                return False
             self._meta.update(td.detach(self._leaves), **metrics)
+        self._ledger.stepped(coefficients)
+        self._step_weights = {}
         self._queue.advance()
-        if self._corrector is not None:
-            self._corrector.record_version(self.version, self._meta.outer_params)
         self._agg = empty_aggregate()
         self._committed.clear()
         self._counters["steps"] += 1
-        max_steps = self.config.max_steps
-        if max_steps is not None and self._counters["steps"] >= max_steps:
-            return self._finish()
-        return self._cancel_unreachable_leases() if self.config.mode == "async" else []
+        return True
+
+    def _refuse_step(self) -> list[Outgoing]:
+        """The aggregate would make λ non-finite: drop it (and, "latest", every entry), keep λ
+        and its version, count and explain it (the reply to the commit that completed the step
+        carries the explanation: :meth:`_on_commit`)."""
+        self._counters["steps_refused"] += 1
+        self._refused = (
+            f"outer step refused at version {self.version}: the aggregated hypergradient (or "
+            "the λ it would produce) is not finite; λ is unchanged and the buffered "
+            "hypergradients were dropped (are some workers' hypergradients enormous?)"
+        )
+        self._journal("discard", {})
+        self._drop_aggregate()
+        return []
+
+    def _drop_aggregate(self) -> None:
+        self._agg = empty_aggregate()
+        self._step_weights = {}
+        self._committed.clear()
+        self._latest.clear()
 
     def _shift_entry(self, wid: str, entry: LatestEntry) -> TensorDict:
         """A "latest" entry corrected from its version to the current one (stale correction)."""
@@ -949,6 +1160,7 @@ class CoordinatorState:
                 continue
             self._queue.release(wid)
             rid = self._lease_rids.pop(wid, -1)
+            self._journal("unlease", {"w": wid})
             self._counters["leases_cancelled"] += 1
             self._ledger.cancelled(wid)
             reason = (
@@ -959,7 +1171,7 @@ class CoordinatorState:
             msg = LeaseCancelled(
                 request_id=rid, version=lease.version, current_version=version, reason=reason
             )
-            out.append(Outgoing(wid, msg))
+            out.append(Outgoing(self._conn[wid], msg))
         return out
 
     def _done_reason(self) -> str:
@@ -971,7 +1183,8 @@ class CoordinatorState:
         for wid in self._workers:
             pending = self._pending.pop(wid, None)
             rid = -1 if pending is None else pending.request_id
-            out.append(Outgoing(wid, ShutdownNotice(request_id=rid, reason=self._done_reason())))
+            notice = ShutdownNotice(request_id=rid, reason=self._done_reason())
+            out.append(Outgoing(self._conn[wid], notice))
         for wid in self._queue.deferred:
             self._drop_from_queue(wid)
         return out
@@ -989,7 +1202,7 @@ class CoordinatorState:
             "meta": meta,
             "done": self._done,
             "counters": dict(self._counters),
-            "seen_commits": [(cid, s, w) for cid, (s, w) in self._seen.items()],
+            "seen_commits": [[wid, cid, s, w] for (wid, cid), (s, w) in self._seen.items()],
             "aggregate": aggregate_state(self._agg),
             "sync_committed": list(self._committed),
             "step_weights": dict(self._step_weights),
@@ -1012,12 +1225,82 @@ class CoordinatorState:
         self._counters = dict.fromkeys(_COUNTERS, 0) | {
             k: int(v) for k, v in state["counters"].items() if k in _COUNTERS
         }
-        self._done = bool(state.get("done", False))
-        self._seen = OrderedDict(
-            (cid, (int(s), float(w))) for cid, s, w in state.get("seen_commits", [])
+        # done is this config's: a job resumed with a larger max_steps goes on
+        self._done = self.config.max_steps is not None and self.version >= self.config.max_steps
+        self._seen = OrderedDict(  # entries of 3 (an older format): not tied to a worker
+            ((str(e[0]), str(e[1])) if len(e) == 4 else ("", str(e[0])),
+             (int(e[-2]), float(e[-1])))
+            for e in state.get("seen_commits", [])
         )
         if state.get("aggregate") is not None:
             self._agg = aggregate_from_state(state["aggregate"], self._meta.outer_params)
         self._committed = dict.fromkeys(state.get("sync_committed", []))
         self._step_weights = {str(w): float(x) for w, x in state.get("step_weights", {}).items()}
         self._ledger.load_state_dict(state.get("ledger", {}))
+
+    # -- durability (a state directory: chronos.distributed.journal) -------------------------
+
+    def durable_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` plus what a restart from a state directory needs besides: the
+        "latest" table, the key bindings and the leases held (by worker: version). For
+        :meth:`~chronos.distributed.journal.Journal.snapshot`."""
+        tree = self.state_dict()
+        tree["latest"] = [[w, e.version, dict(e.grad)] for w, e in self._latest.entries.items()]
+        tree["keys"] = dict(self._keys)
+        tree["leases"] = {**self._orphans,
+                          **{w: lease.version for w, lease in self._queue.leases.items()}}
+        return tree
+
+    def restore(self, tree: Mapping[str, Any] | None, records: Iterable[Record]) -> int:
+        """Restore a snapshot (:meth:`durable_state` output, or ``None``: start from the
+        initial λ) and replay the journal records written after it; return how many records
+        were replayed. Afterwards version, λ, optimizer state, buffered commits, remembered
+        commit ids and ledger are those of the last journaled event; workers register again,
+        and a worker that held a lease gets it back when it does (its in-flight commit is then
+        judged by the usual rules)."""
+        if tree is not None:
+            self.load_state_dict(tree)
+            for w, v, grad in tree.get("latest", []):
+                self._latest.put(str(w), grad, int(v), take=True)
+            self._keys = {str(w): str(k) for w, k in tree.get("keys", {}).items()}
+            self._orphans = {str(w): int(v) for w, v in tree.get("leases", {}).items()}
+        durable, self._durable = self._durable, False  # replayed events are journaled already
+        n = 0
+        try:
+            for r in records:
+                self._replay(r)
+                n += 1
+        finally:
+            self._durable = durable
+        for w in self._ledger.summary():
+            self._ledger.left(w)  # nobody is registered until workers register again
+        return n
+
+    def _replay(self, r: Record) -> None:
+        m = r.meta
+        if r.kind == "commit":
+            decision = CommitDecision(True, int(m["s"]), float(m["wt"]), "")
+            self._admit(str(m["w"]), str(m["c"]), int(m["v"]), decision, r.tensors,
+                        int(m["u"]), m.get("m"), owned=True)
+            self._orphans.pop(str(m["w"]), None)
+        elif r.kind == "step":
+            if not self._apply_step(dict(r.tensors), m["coef"], dict(m["m"])) or (
+                    self.version != int(m["v"])):
+                raise ChronosError(
+                    f"the log's step to version {m['v']} does not replay (at version "
+                    f"{self.version}); was the state directory written by another job?")
+            if self.config.max_steps is not None and self.version >= self.config.max_steps:
+                self._done = True
+        elif r.kind == "lease":
+            self._orphans[str(m["w"])] = int(m["v"])
+        elif r.kind == "unlease":
+            self._orphans.pop(str(m["w"]), None)
+        elif r.kind == "bind":
+            self._keys[str(m["w"])] = str(m["k"])
+        elif r.kind == "discard":
+            self._counters["steps_refused"] += 1
+            self._drop_aggregate()
+        elif r.kind == "unsee":
+            self._seen.pop((str(m["w"]), str(m["c"])), None)
+        else:
+            raise ChronosError(f"unknown journal record kind {r.kind!r} in the state directory")

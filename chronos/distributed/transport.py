@@ -26,7 +26,8 @@ Rules the callers must know:
 * **Identity.** The server receives ``(identity, frames)``; reply to the *identity the request
   came from*. A client without an explicit ``identity`` gets a random one from the ROUTER, and a
   new one after a reconnect, so map worker ids to identities per message, never once.
-  ``ROUTER_HANDOVER`` is on: a client reconnecting with the same explicit identity takes over.
+  ``ROUTER_HANDOVER`` is off: a second connection cannot take over a live identity (workers
+  set none; the server binds worker ids to connections).
 * **Unknown peers.** ``ROUTER_MANDATORY`` is on: ``ServerTransport.send`` returns ``False``
   (and counts ``messages_dropped``) instead of silently dropping a message to a peer that is not
   (or no longer) connected, or whose queue is full (high-water mark); it never blocks.
@@ -57,7 +58,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
+import logging
+import secrets
+import struct
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,6 +98,12 @@ __all__ = [
 ]
 
 _NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
+
+log = logging.getLogger("chronos.transport")
+
+_SERVER_COPY = -1
+"""``first_copy`` of a server receive: the identity frame uncopied (its connection's fd and
+CURVE key are read from it), the header copied, tensor frames zero-copy."""
 
 Frames = list[Any]
 """A message's frames as received: ``bytes`` (header) and ``zmq.Frame`` (tensor frames)."""
@@ -189,9 +201,14 @@ class _AllowList:
 
 
 def _cleanup(
-    sock: zmq.Socket[Any], ctx: zmq.Context[Any], auth: zmq.auth.thread.ThreadAuthenticator | None
+    sock: zmq.Socket[Any], ctx: zmq.Context[Any], auth: zmq.auth.thread.ThreadAuthenticator | None,
+    monitor: zmq.Socket[Any] | None = None,
 ) -> None:
     try:
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
         sock.close(linger=0)
     finally:
         if auth is not None:
@@ -228,9 +245,11 @@ class _Transport:
         self._poller.register(self._sock, zmq.POLLIN)
         self._closed = False
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
 
     def _arm_finalizer(self) -> None:
-        self._finalizer = weakref.finalize(self, _cleanup, self._sock, self._ctx, self._auth)
+        self._finalizer = weakref.finalize(
+            self, _cleanup, self._sock, self._ctx, self._auth, self._monitor)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -250,7 +269,7 @@ class _Transport:
         if self._finalizer is not None:
             self._finalizer()  # runs _cleanup once
         else:
-            _cleanup(self._sock, self._ctx, self._auth)
+            _cleanup(self._sock, self._ctx, self._auth, self._monitor)
 
     def stats(self) -> dict[str, int]:
         """The counters as a dict."""
@@ -272,15 +291,17 @@ class _Transport:
     def _try_recv(self, first_copy: int) -> Frames | None:
         """One multipart message if one is queued, else ``None`` (never blocks). The first
         ``first_copy`` parts (routing identity, header) come as ``bytes``; the rest as
-        zero-copy ``zmq.Frame``."""
+        zero-copy ``zmq.Frame`` (:data:`_SERVER_COPY`: only the second part copied)."""
         sock = self._sock
+        server = first_copy == _SERVER_COPY
         try:
             parts: Frames = [sock.recv(zmq.NOBLOCK, copy=first_copy > 0)]
         except zmq.Again:
             return None
         # the remaining parts of a multipart message are already here (atomic delivery)
         while sock.getsockopt(zmq.RCVMORE):
-            parts.append(sock.recv(zmq.NOBLOCK, copy=len(parts) < first_copy))
+            n = len(parts)
+            parts.append(sock.recv(zmq.NOBLOCK, copy=n == 1 if server else n < first_copy))
         return parts
 
     def _recv_within(self, timeout_ms: int | None, first_copy: int) -> Frames | None:
@@ -334,6 +355,20 @@ def _is_loopback(host: str) -> bool:
         return False  # a hostname, an interface name or "*"
 
 
+def _seed_routing_ids() -> None:
+    """Seed the C library's ``rand()`` from the OS before a ROUTER is created.
+
+    libzmq numbers the connections of peers that set no routing id ``0x00`` + a 32-bit counter
+    that starts at ``rand()``, never seeded by default (so always ``0x6b8b4567`` on glibc); a
+    peer that claims the next number as its own routing id makes the next anonymous
+    connection collide, which aborts the whole process (an assertion in libzmq 4.3). An
+    unpredictable start leaves a peer guessing a 32-bit number. (A CURVE allow-list shuts
+    unadmitted peers out before they can claim any id.)
+    """
+    with contextlib.suppress(Exception):  # no C library to seed: nothing to protect either
+        ctypes.CDLL(None).srand(ctypes.c_uint(secrets.randbits(32)))
+
+
 class ServerTransport(_Transport):
     """The coordinator's ROUTER socket, bound to ``tcp://host:port``.
 
@@ -342,8 +377,21 @@ class ServerTransport(_Transport):
             LAN address or hostname) requires ``allow_remote=True``.
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
         curve: enable CURVE encryption (and a client allow-list) — see :class:`CurveServerConfig`.
-        allow_remote: permit binding a non-loopback address.
+        allow_remote: permit binding a non-loopback address (without ``curve`` a loud
+            warning is logged: anyone who can reach the port can then act as a new worker).
         limits: size bounds for decoding (also sets ``MAXMSGSIZE``).
+        peer_timeout_ms: with a value, ZeroMQ pings every peer every ``peer_timeout_ms / 2`` ms
+            and drops a connection silent for ``peer_timeout_ms`` (a hung or partitioned peer),
+            which :meth:`disconnected` then reports.
+        backlog: messages queued per peer before ZeroMQ stops reading that peer's connection
+            (``RCVHWM``): what one connection can pin is at most ``backlog`` messages of at
+            most ``limits.max_total_bytes`` each.
+
+    Peers' routing identities are not trusted for anything (a client may choose its own;
+    ``ROUTER_HANDOVER`` is off, so a second connection cannot take over a live identity).
+    After each :meth:`recv` / :meth:`poll` message, :attr:`last_fds` and :attr:`last_users`
+    map identities to the file descriptor of their connection and, with CURVE, to the
+    authenticated client public key (Z85 str).
     """
 
     def __init__(
@@ -353,6 +401,8 @@ class ServerTransport(_Transport):
         curve: CurveServerConfig | None = None,
         allow_remote: bool = False,
         limits: DecodeLimits = DEFAULT_LIMITS,
+        peer_timeout_ms: int | None = None,
+        backlog: int = 64,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise ConfigError(f"host must be a non-empty str, got {host!r}")
@@ -366,18 +416,37 @@ class ServerTransport(_Transport):
             )
         if curve is not None and not isinstance(curve, CurveServerConfig):
             raise ConfigError(f"curve must be a CurveServerConfig, got {type(curve).__name__}")
+        if peer_timeout_ms is not None and (type(peer_timeout_ms) is not int
+                                            or peer_timeout_ms < 2):
+            raise ConfigError(f"peer_timeout_ms must be an int >= 2 or None, got "
+                              f"{peer_timeout_ms!r}")
+        if type(backlog) is not int or backlog < 1:
+            raise ConfigError(f"backlog must be an int >= 1, got {backlog!r}")
+        _seed_routing_ids()
         super().__init__(zmq.ROUTER, limits)
+        self.last_fds: dict[bytes, int] = {}
+        self.last_users: dict[bytes, str] = {}
         try:
             sock = self._sock
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+            sock.setsockopt(zmq.RCVHWM, backlog)
+            if peer_timeout_ms is not None:
+                sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, peer_timeout_ms // 2))
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, peer_timeout_ms)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitor.setsockopt(zmq.LINGER, 0)
             if curve is not None:
+                # a ZAP handler always: it admits the listed keys (or any key) and makes
+                # each message carry its sender's public key as "User-Id"
+                self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx)
+                self._auth.start()
                 if curve.allowed_client_keys is not None:
-                    self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx)
-                    self._auth.start()
                     self._auth.configure_curve_callback(
                         domain="*", credentials_provider=_AllowList(curve.allowed_client_keys)
                     )
+                else:
+                    self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
                 sock.curve_secretkey = curve.secret_key
                 sock.curve_publickey = curve.public_key
                 sock.curve_server = True
@@ -388,11 +457,11 @@ class ServerTransport(_Transport):
             sock.bind(f"tcp://{bind_host}:{port if port else '*'}")
             endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as e:
-            _cleanup(self._sock, self._ctx, self._auth)
+            _cleanup(self._sock, self._ctx, self._auth, self._monitor)
             self._closed = True
             raise ConfigError(f"cannot bind tcp://{host}:{port}: {e}") from None
         except BaseException:
-            _cleanup(self._sock, self._ctx, self._auth)
+            _cleanup(self._sock, self._ctx, self._auth, self._monitor)
             self._closed = True
             raise
         self.address: str = endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
@@ -400,12 +469,40 @@ class ServerTransport(_Transport):
         self.port: int = int(self.address.rsplit(":", 1)[1])
         self.curve = curve
         self._arm_finalizer()
+        if not _is_loopback(host) and curve is None:
+            log.warning(
+                "SECURITY: serving %s in plaintext without CURVE: anyone who can reach this "
+                "port can register workers, commit hypergradients and read λ. Generate keys "
+                "with `chronos keys generate DIR` and pass --curve-keys DIR (coordinator and "
+                "workers)", self.address)
+
+    def disconnected(self) -> list[int]:
+        """File descriptors of connections closed since the last call (peer gone, or silent
+        past ``peer_timeout_ms``); compare with :attr:`last_fds`. Never blocks."""
+        mon = self._monitor
+        out: list[int] = []
+        if mon is None:
+            return out
+        while True:
+            try:
+                parts = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            if len(parts) == 2 and len(parts[0]) == 6:  # uint16 event, uint32 value (the fd)
+                event, value = struct.unpack("=HI", parts[0])
+                if event == zmq.EVENT_DISCONNECTED:
+                    out.append(value)
+
+    def reachable(self, identity: bytes, frames: Sequence[Any]) -> bool:
+        """Send ``frames`` to ``identity`` (a probe) and say whether the peer is still
+        connected (``ROUTER_MANDATORY``: a gone peer fails at once, not silently)."""
+        return self.send(identity, frames)
 
     def recv(self, timeout_ms: int | None = 0) -> tuple[bytes, Frames] | None:
         """One message as ``(identity, frames)``, or ``None`` if none arrives within
         ``timeout_ms`` (0: do not wait; ``None``: wait forever)."""
         self._check_open()
-        parts = self._recv_within(timeout_ms, first_copy=2)
+        parts = self._recv_within(timeout_ms, first_copy=_SERVER_COPY)
         return None if parts is None else self._count(parts)
 
     def poll(
@@ -414,16 +511,27 @@ class ServerTransport(_Transport):
         """Wait up to ``timeout_ms`` for a message, then return every message already queued
         (at most ``max_messages``); an empty list on timeout."""
         self._check_open()
-        parts = self._recv_within(timeout_ms, first_copy=2)
+        parts = self._recv_within(timeout_ms, first_copy=_SERVER_COPY)
         out: list[tuple[bytes, Frames]] = []
         while parts is not None:
             out.append(self._count(parts))
             if len(out) >= max_messages:
                 break
-            parts = self._try_recv(first_copy=2)
+            parts = self._try_recv(first_copy=_SERVER_COPY)
         return out
 
     def _count(self, parts: Frames) -> tuple[bytes, Frames]:
+        first = parts[0]
+        if isinstance(first, zmq.Frame):  # received uncopied: read who sent it, then bytes
+            identity = first.bytes
+            with contextlib.suppress(zmq.ZMQError):
+                self.last_fds[identity] = first.get(zmq.SRCFD)
+            if self.curve is not None:
+                with contextlib.suppress(zmq.ZMQError, KeyError, UnicodeDecodeError):
+                    user = first.get("User-Id")
+                    if user:
+                        self.last_users[identity] = str(user)
+            parts[0] = identity
         frames = parts[1:]
         n = _received_nbytes(frames)
         self.messages_received += 1

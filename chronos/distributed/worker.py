@@ -113,7 +113,7 @@ from chronos.communication.feedback import compress, decode_dict
 from chronos.communication.significance import SignificanceConfig, SignificanceFilter
 from chronos.continuum.amortized import AmortizationConfig, AmortizedHypergradient
 from chronos.core import tensordict as td
-from chronos.core.errors import ChronosError, ConfigError
+from chronos.core.errors import ChronosError, ConfigError, NonFiniteError
 from chronos.core.problem import InnerProblem
 from chronos.core.tensordict import TensorDict
 from chronos.distributed.messages import (
@@ -142,7 +142,9 @@ __all__ = ["Worker", "WorkerConfig", "WorkerStopped", "unroll_momentum"]
 log = logging.getLogger("chronos.worker")
 
 _POLL_S = 0.05  # how often a waiting compute thread re-checks stop / liveness
-_REFUSED_COMMIT_CODES = ("bad_version", "non_finite")  # drop the commit, keep working
+MAX_NONFINITE_ROUNDS = 5
+"""Consecutive rounds whose solve or hypergradient went non-finite before a worker gives up."""
+_REFUSED_COMMIT_CODES = ("bad_version", "non_finite", "no_lease")  # drop the commit, keep working
 _WINDOW = 8  # measurements behind the measured local step size (see the module docstring)
 
 
@@ -229,6 +231,7 @@ class Worker:
         self._wire_codec: Codec = parse_codec(getattr(self.config, "codec", "identity"))
         self._theta: TensorDict | None = None
         self._solution: TensorDict | None = None
+        self._nonfinite_run = 0  # consecutive rounds that went non-finite
         cfg = self.config
         self._filter = (
             SignificanceFilter(SignificanceConfig(
@@ -424,6 +427,28 @@ class Worker:
             self._unwatch_lease()
 
     def _iteration(self) -> CommitReply | None:
+        try:
+            reply = self._round()
+        except NonFiniteError as e:
+            # this round's numbers blew up (an extreme λ, a bad batch): skip it, start the
+            # next one cold; only a run of such rounds is fatal (the problem, not the round).
+            # A group's ranks fail together: that stays fatal.
+            if self._group is not None:
+                raise
+            self._stats["hypergradients_nonfinite"] += 1
+            self._nonfinite_run += 1
+            self._theta, self._solution = None, None
+            if self._nonfinite_run >= MAX_NONFINITE_ROUNDS:
+                raise NonFiniteError(
+                    f"{MAX_NONFINITE_ROUNDS} rounds in a row went non-finite; the last: {e}"
+                ) from e
+            log.warning("%s: %s; round skipped (%d in a row), not committed", self.worker_id,
+                        e, self._nonfinite_run)
+            return None
+        self._nonfinite_run = 0
+        return reply
+
+    def _round(self) -> CommitReply | None:
         version, outer = self._checkout()
         if self._filter is not None:
             outer = self._local_point(version, outer)  # λ_local: where this round solves
@@ -463,11 +488,7 @@ class Worker:
                        inner_steps=traj.num_steps, solve_seconds=t1 - t0)
         self.last_metrics = metrics
         if not td.is_finite(grad):
-            self._stats["hypergradients_nonfinite"] += 1
-            self._solution = None  # do not warm-start the next linear solve from garbage
-            log.warning("%s: non-finite hypergradient on version %d; not committed",
-                        self.worker_id, version)
-            return None
+            raise NonFiniteError(f"non-finite hypergradient on version {version}")
         if self._filter is not None:
             return self._filtered_commit(version, outer, grad, metrics)
         return self._commit(version, grad, metrics)
@@ -705,7 +726,8 @@ class Worker:
                 continue
             if isinstance(reply, ShutdownNotice):
                 raise WorkerStopped(self._stop_why())
-            if isinstance(reply, ErrorReply) and reply.code == "unknown_worker":
+            if isinstance(reply, ErrorReply) and reply.code in ("unknown_worker", "not_owner"):
+                # forgotten, or registered from our previous connection: register again
                 self._reconnect(f"{reply.code}: {reply.message}")
                 continue
             if isinstance(reply, ErrorReply) and reply.code == "shutting_down":
@@ -744,7 +766,10 @@ class Worker:
                 now = time.monotonic()
                 if now - max(net.last_heard, first) >= self._silence_limit(net):
                     return _SILENT
-                if now - sent >= timeout:  # the coordinator is alive: the message got lost
+                if now - sent >= timeout and not deferred:
+                    # the coordinator is alive: the message got lost (a deferred checkout is
+                    # not: its grant comes with the same request id; re-sending it would only
+                    # queue it again)
                     net.send(msg)
                     sent = now
                     self._stats["resends"] += 1
@@ -755,7 +780,7 @@ class Worker:
         log.warning("%s: %s; registering again", self.worker_id, why)
         self._outer = None  # a restarted coordinator may reuse version numbers for another λ
         net.beating = False
-        net.reset_connection()  # drop stale queued messages; reclaim our routing identity
+        net.reset_connection()  # drop stale queued messages; a new connection
         self._register()
 
     def _register(self) -> None:
@@ -797,10 +822,14 @@ class Worker:
             if isinstance(reply, ErrorReply) and reply.code == "shutting_down":
                 raise WorkerStopped(reply.message)
             if isinstance(reply, ErrorReply) and reply.code == "duplicate_worker":
-                if (sends > 1 or self._registered_once) and takeovers < 2:
-                    # our own earlier Register got through (its reply was lost): take it over
+                if (sends > 1 or self._registered_once) and time.monotonic() < deadline:
+                    # our own earlier registration: on this connection (a lost reply) the
+                    # Deregister ends it; on our previous one the coordinator lets it go as
+                    # soon as it sees that connection closed, so ask again shortly
                     takeovers += 1
                     net.send(Deregister(request_id=net.next_id(), worker_id=self.worker_id))
+                    if takeovers > 1:
+                        self._wait(queue.Queue(), min(0.05 * 2 ** takeovers, 1.0))
                     continue
                 raise ChronosError(
                     f"worker id {self.worker_id!r} is already registered by another live "
@@ -919,6 +948,8 @@ class Worker:
             self._settle(payload, delivered)  # error feedback: undelivered goes back
         if isinstance(reply, CommitReply):
             self.commit_log.append(reply)
+            if self.config.ack_log is not None:
+                self._log_ack(reply)
             key = {"accepted": "commits_accepted", "rejected": "commits_rejected",
                    "duplicate": "commits_duplicate"}[reply.status]
             self._stats[key] += 1
@@ -940,6 +971,17 @@ class Worker:
                 "does the worker's problem have the same outer parameters as the coordinator's?"
             )
         raise ChronosError(f"commit refused: {_describe(reply)}")
+
+    def _log_ack(self, reply: CommitReply) -> None:
+        """Append ``WORKER_ID COMMIT_ID STATUS VERSION`` to ``config.ack_log`` (one write with
+        O_APPEND: lines of several workers never interleave)."""
+        assert self.config.ack_log is not None
+        line = f"{self.worker_id} {reply.commit_id} {reply.status} {reply.version}\n"
+        fd = os.open(self.config.ack_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
 
 
 def _describe(reply: Message) -> str:

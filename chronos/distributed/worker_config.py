@@ -20,6 +20,7 @@ from typing import Literal, TypeGuard
 
 from chronos.communication.codecs import parse_codec
 from chronos.core.errors import ChronosError, ConfigError
+from chronos.distributed.messages import MAX_ID_CHARS
 from chronos.distributed.transport import CurveClientConfig
 from chronos.solver import METHODS, default_tol
 
@@ -90,6 +91,10 @@ class WorkerConfig:
         straggler_delay: extra seconds of (simulated) work per iteration, for experiments.
         num_threads: ``torch.set_num_threads`` for this worker (None: leave as is).
         curve: CURVE client keys when the coordinator uses CURVE.
+        ack_log: a file to append one line per commit reply to (``WORKER_ID COMMIT_ID STATUS
+            VERSION``, opened with ``O_APPEND`` so several workers can share it): the
+            worker's own record of what the coordinator acknowledged, e.g. to audit that no
+            acknowledged commit was lost (None: no log).
     """
 
     coordinator_addr: str = "tcp://127.0.0.1:5555"
@@ -116,6 +121,7 @@ class WorkerConfig:
     straggler_delay: float = 0.0
     num_threads: int | None = None
     curve: CurveClientConfig | None = None
+    ack_log: str | None = None
 
     def __post_init__(self) -> None:
         addr = self.coordinator_addr
@@ -127,13 +133,16 @@ class WorkerConfig:
             )
         wid = self.worker_id
         if wid is not None and (
-            not isinstance(wid, str) or not 0 < len(wid.encode("utf-8")) <= 200
-            or wid.startswith("\x00")
+            not isinstance(wid, str) or not 0 < len(wid) <= MAX_ID_CHARS
+            or wid.startswith(chr(0))
         ):
             raise ConfigError(
-                f"worker_id must be a non-empty str of at most 200 bytes (not starting with "
-                f"NUL), or None for an automatic one; got {wid!r}"
+                f"worker_id must be a non-empty str of at most {MAX_ID_CHARS} characters (not "
+                f"starting with NUL), or None for an automatic one; got {wid!r}"
             )
+        if self.ack_log is not None and (not isinstance(self.ack_log, str) or not self.ack_log):
+            raise ConfigError(f"ack_log must be a file path (str) or None, got "
+                              f"{self.ack_log!r}")
         if self.hypergradient not in ("implicit", "unrolled"):
             raise ConfigError(
                 f"hypergradient must be 'implicit' or 'unrolled', got {self.hypergradient!r}"

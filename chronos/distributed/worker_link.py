@@ -176,8 +176,8 @@ class WorkerLink:
 
     def reset_connection(self) -> None:
         """Close the socket and open a new one (in order with :meth:`send`): what was queued
-        for a dead coordinator is dropped, and a routing identity taken over by another
-        connection is reclaimed."""
+        for a dead coordinator is dropped. The new connection must register again (a worker
+        id belongs to the connection that registered it)."""
         self.outbox.put(None)
 
     @contextlib.contextmanager
@@ -195,8 +195,9 @@ class WorkerLink:
     # -- the thread ---------------------------------------------------------------------------
 
     def _open(self) -> ClientTransport:
-        transport = ClientTransport(self.address, identity=self.worker_id.encode("utf-8"),
-                                    curve=self.curve, counter=self.ops)
+        # no routing identity of our own: the coordinator's ROUTER assigns one per connection
+        # (unforgeable; the worker id is bound to this connection when it registers)
+        transport = ClientTransport(self.address, curve=self.curve, counter=self.ops)
         self.counters["sockets_opened"] += 1
         return transport
 

@@ -91,7 +91,9 @@ def test_killed_follower_fails_the_group_and_the_leader_leaves_the_coordinator()
         os.kill(procs[1].pid, signal.SIGKILL)  # the follower, mid-collective or close to it
         t0 = time.monotonic()
         procs[0].join(timeout=20)
-        assert procs[0].exitcode == 1, "the leader must fail loudly, not hang or exit 0"
+        # loudly: exit code 1 from the error (or gloo's own abort, -6, when its thread is
+        # torn down under load), never a hang or 0
+        assert procs[0].exitcode in (1, -6), "the leader must fail loudly, not hang or exit 0"
         while coordinator.stats()["workers_alive"] != 0:
             assert time.monotonic() - t0 < 15, "the coordinator did not see the leader leave"
             coordinator.wait(timeout=0.05)

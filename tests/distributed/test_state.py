@@ -112,7 +112,16 @@ class Driver:
         return self.send(wid, Heartbeat(request_id=next(self.rids), worker_id=wid), now)
 
     def deregister(self, wid: str, now: float) -> list[Outgoing]:
-        return self.send(wid, Deregister(request_id=next(self.rids), worker_id=wid), now)
+        """The other messages a Deregister causes; its own acknowledgement (a HeartbeatAck
+        with its request id) is checked and left out."""
+        rid = next(self.rids)
+        out = self.send(wid, Deregister(request_id=rid, worker_id=wid), now)
+        acks = [o for o in out if isinstance(o.message, HeartbeatAck)
+                and o.message.request_id == rid]
+        if acks:
+            assert acks[0].to == wid
+            out.remove(acks[0])
+        return out
 
     def tick(self, now: float, optional: bool = False) -> list[Outgoing]:
         self.inputs.append(("" if optional else "tick", None, now))
@@ -428,9 +437,11 @@ def test_dedupe_window_bounds_memory() -> None:
     d = driver(max_staleness=5, dedupe_window=1)
     d.join("w0")
     d.commit("w0", 0, cid="c1")
+    d.checkout("w0")
     d.commit("w0", 1, cid="c2")  # evicts c1
     assert only(d.commit("w0", 1, cid="c2"), CommitReply).status == "duplicate"
-    assert only(d.commit("w0", 0, cid="c1"), CommitReply).status == "accepted"  # forgotten
+    d.checkout("w0")
+    assert only(d.commit("w0", 2, cid="c1"), CommitReply).status == "accepted"  # forgotten
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -446,8 +457,8 @@ def _bad_inputs(d: Driver) -> list[tuple[str, list[Outgoing]]]:
         ("unknown_worker", d.commit("ghost", 0)),
         ("unknown_worker", d.checkout("ghost")),
         ("unknown_worker", d.heartbeat("ghost", 0.0)),
-        ("unknown_worker", d.send("w1", Heartbeat(request_id=1, worker_id="w0"), 0.0)),
-        ("unknown_worker", d.send("w1", Register(request_id=1, worker_id="w9"), 0.0)),
+        ("not_owner", d.send("w1", Heartbeat(request_id=1, worker_id="w0"), 0.0)),
+        ("not_owner", d.send("w1", Register(request_id=1, worker_id="w9"), 0.0)),
         ("bad_tensor", d.commit("w0", 0, {"a": hg["a"]})),  # missing key
         ("bad_tensor", d.commit("w0", 0, hg | {"c": torch.zeros(1, dtype=F64)})),  # extra key
         ("bad_tensor", d.commit("w0", 0, hg | {"a": torch.zeros(3, dtype=F64)})),  # shape
@@ -562,6 +573,8 @@ def test_sync_barrier_survives_a_dead_worker_via_expiry() -> None:
     assert d.s.version == 2 and d.s.history[-1]["commits"] == 2
     # a replacement joins: the barrier waits for it again
     d.join("w2", now=T)
+    d.checkout("w0", now=T)
+    d.checkout("w1", now=T)
     d.commit("w0", 2, now=T)
     d.commit("w1", 2, now=T)
     assert d.s.version == 2
