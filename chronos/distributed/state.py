@@ -136,7 +136,8 @@ Rules (DESIGN.md, "Semantics that must hold"):
 * **Durability** (``durable=True``). Every event that changes what must survive a restart
   leaves a journal record (:meth:`drain_records`; :class:`~chronos.distributed.journal.Record`
   kinds ``commit`` (with the decoded hypergradient), ``step`` (with the aggregated gradient
-  the step applied), ``lease`` / ``unlease``, ``bind``, ``discard``, ``unsee``). A state
+  the step applied), ``lease`` / ``unlease``, ``left``, ``bind``, ``discard``, ``reset``,
+  ``unsee``). A state
   rebuilt with :meth:`restore` from a :meth:`durable_state` snapshot and the records written
   after it has the same version, λ, optimizer state, buffered commits, remembered commit ids
   and ledger, bit for bit (a step is replayed by applying the logged gradient with the same
@@ -911,8 +912,8 @@ class CoordinatorState:
         if conn is not None:
             self._wid_of.pop(conn, None)
         self._pending.pop(wid, None)
-        if self._lease_rids.pop(wid, None) is not None or self._queue.lease_of(wid) is not None:
-            self._journal("unlease", {"w": wid})
+        self._lease_rids.pop(wid, None)
+        self._journal("left", {"w": wid})  # its lease and "latest" entry go with it
         self._registered_by.pop(wid, None)
         self._codecs.pop(wid, None)
         self._copies.pop(wid, None)
@@ -1051,6 +1052,7 @@ class CoordinatorState:
             # the commits counted towards this step left with their workers (they committed,
             # then deregistered or disconnected): nothing to average
             self._agg = empty_aggregate()
+            self._journal("reset", {})
             return []
         metrics: dict[str, Any] = aggregate_metrics(self._agg)
         if self._latest_mode:
@@ -1295,6 +1297,11 @@ class CoordinatorState:
             self._orphans[str(m["w"])] = int(m["v"])
         elif r.kind == "unlease":
             self._orphans.pop(str(m["w"]), None)
+        elif r.kind == "left":
+            self._orphans.pop(str(m["w"]), None)
+            self._latest.drop(str(m["w"]))
+        elif r.kind == "reset":
+            self._agg = empty_aggregate()
         elif r.kind == "bind":
             self._keys[str(m["w"])] = str(m["k"])
         elif r.kind == "discard":

@@ -140,7 +140,7 @@ def durable_view(s: CoordinatorState) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(before=events, after=events)
 def test_snapshot_plus_replayed_records_equals_the_state_that_wrote_them(
     name: str, before: list[tuple[str, int, int]], after: list[tuple[str, int, int]]
