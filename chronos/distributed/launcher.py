@@ -332,6 +332,10 @@ class RunConfig:
     state_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.allowed_keys is not None and self.curve_keys is None:
+            raise ConfigError("allowed_keys (--allowed-keys) needs curve_keys (--curve-keys DIR, "
+                              "the coordinator's own keys); make them with `chronos keys "
+                              "generate DIR`")
         if not isinstance(self.problem, str):
             raise ConfigError(f"problem must be a 'package.module:factory' str, got "
                               f"{self.problem!r}")

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 import zmq
+from test_worker import Toy as WorkerToy  # this directory is on sys.path (pytest, subprocesses)
 
-from chronos.core import InnerProblem
 from chronos.distributed.coordinator import Coordinator
 from chronos.distributed.messages import Message
 from chronos.distributed.protocol import DecodeError, decode, encode
@@ -40,34 +40,15 @@ HONEST = "honest"
 N = 8  # λ is 8 floats
 
 
-class Toy(InnerProblem):
-    """θ ∈ Rⁿ: f(θ, λ) = ½‖θ − 1‖² + ½ Σᵢ e^{λᵢ} θᵢ², F(θ) = ½‖θ − ¼‖² (λ* = log 3).
-
-    ``sleep=True``: a solve announces itself on stdout ("solving", flushed) and then sleeps
-    until the process is killed (the subprocess of :func:`sleeper_worker`)."""
-
-    num_steps = 5
-    inner_lr = 1.0
-    optimizer = "lbfgs"
-    tol = 1e-10
+class Toy(WorkerToy):
+    """The worker tests' toy (θ ∈ Rⁿ: f(θ, λ) = ½‖θ − 1‖² + ½ Σᵢ e^{λᵢ} θᵢ², F(θ) =
+    ½‖θ − ¼‖², λ* = log 3). ``sleep=True``: a solve announces itself on stdout ("solving",
+    flushed) and then sleeps until the process is killed (the subprocess of
+    :func:`sleeper_worker`)."""
 
     def __init__(self, n: int = N, dtype: torch.dtype = torch.float64, sleep: bool = False):
-        self.n, self.dtype, self.sleep = n, dtype, sleep
-        self.a = torch.ones(n, dtype=dtype)
-        self.b = torch.full((n,), 0.25, dtype=dtype)
-
-    def default_outer_params(self) -> dict[str, torch.Tensor]:
-        return {"lam": torch.zeros(self.n, dtype=self.dtype)}
-
-    def init_params(self) -> dict[str, torch.Tensor]:
-        return {"theta": torch.zeros(self.n, dtype=self.dtype)}
-
-    def inner_loss(self, params, outer_params, batch=None):
-        th = params["theta"]
-        return 0.5 * ((th - self.a) ** 2).sum() + 0.5 * (outer_params["lam"].exp() * th**2).sum()
-
-    def outer_loss(self, params, outer_params, batch=None):
-        return 0.5 * ((params["theta"] - self.b) ** 2).sum()
+        super().__init__(n, dtype=dtype)
+        self.sleep = sleep
 
     def solve(self, outer_params, init_params=None, num_steps=None, **kwargs):
         if self.sleep:

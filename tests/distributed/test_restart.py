@@ -174,3 +174,8 @@ def test_summary_says_which_workers_were_restarted() -> None:
     out = io.StringIO()
     print_summary(result, RunConfig(problem="a:b", workers=3, max_steps=5), out)
     assert "  restarts: worker-1 ×2, worker-2 ×1\n" in out.getvalue()
+
+
+def test_allowed_keys_without_curve_keys_is_refused() -> None:
+    with pytest.raises(ConfigError, match="needs curve_keys"):
+        RunConfig(problem=TOY, allowed_keys="keys/workers")

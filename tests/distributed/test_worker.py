@@ -71,10 +71,10 @@ class Toy(InnerProblem):
     optimizer = "lbfgs"
     tol = 1e-10
 
-    def __init__(self, n: int = 8, init: float = 0.0) -> None:
-        self.n, self.init = n, init
-        self.a = torch.ones(n, dtype=torch.float64)
-        self.b = torch.full((n,), 0.25, dtype=torch.float64)
+    def __init__(self, n: int = 8, init: float = 0.0, dtype: torch.dtype = torch.float64) -> None:
+        self.n, self.init, self.dtype = n, init, dtype
+        self.a = torch.ones(n, dtype=dtype)
+        self.b = torch.full((n,), 0.25, dtype=dtype)
         self.entered = threading.Event()
         self.gate: threading.Event | None = None
         self.busy_s = 0.0
@@ -82,10 +82,10 @@ class Toy(InnerProblem):
         self.seen: list[dict[str, torch.Tensor]] = []
 
     def default_outer_params(self) -> dict[str, torch.Tensor]:
-        return {"lam": torch.full((self.n,), self.init, dtype=torch.float64)}
+        return {"lam": torch.full((self.n,), self.init, dtype=self.dtype)}
 
     def init_params(self) -> dict[str, torch.Tensor]:
-        return {"theta": torch.zeros(self.n, dtype=torch.float64)}
+        return {"theta": torch.zeros(self.n, dtype=self.dtype)}
 
     def inner_loss(self, params, outer_params, batch=None):
         th = params["theta"]
