@@ -131,6 +131,16 @@ def _le_bytes(t: Tensor) -> Tensor:
     return b
 
 
+def unstorable(t: Tensor) -> str | None:
+    """Why ``t`` cannot be stored (a sparse layout, a dtype outside :data:`DTYPES`), or
+    ``None``."""
+    if t.layout != torch.strided:
+        return f"has layout {t.layout}; convert it with .to_dense() first"
+    if t.dtype not in _NAMES:
+        return f"has dtype {t.dtype}; allowed: {', '.join(DTYPES)} (cast it first)"
+    return None
+
+
 def _prepare(tensors: object) -> list[tuple[str, Tensor]]:
     if not isinstance(tensors, Mapping):
         raise ChronosTypeError(
@@ -142,15 +152,9 @@ def _prepare(tensors: object) -> list[tuple[str, Tensor]]:
             raise ChronosTypeError(f"tensor names must be str, got {type(name).__name__}")
         if not isinstance(t, Tensor):
             raise ChronosTypeError(f"tensors[{name!r}] is a {type(t).__name__}, not a Tensor")
-        if t.layout != torch.strided:
-            raise ChronosTypeError(
-                f"tensors[{name!r}] has layout {t.layout}; convert it with .to_dense() first"
-            )
-        if t.dtype not in _NAMES:
-            raise ChronosTypeError(
-                f"tensors[{name!r}] has dtype {t.dtype}; a file can hold "
-                f"{', '.join(DTYPES)} (cast it first)"
-            )
+        problem = unstorable(t)
+        if problem is not None:
+            raise ChronosTypeError(f"tensors[{name!r}] {problem}")
         out.append((name, t.detach().to("cpu").contiguous()))
     return out
 

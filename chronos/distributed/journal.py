@@ -125,6 +125,7 @@ from chronos.core.safeio import (
     load_tensors,
     save_tensors,
     tensor_spec_problem,
+    unstorable,
 )
 
 __all__ = [
@@ -210,14 +211,9 @@ def flatten_tree(obj: Any) -> tuple[Any, dict[str, Tensor]]:
         if _is_scalar(x, where):
             return x
         if isinstance(x, Tensor):
-            if x.layout != torch.strided:
-                raise ChronosTypeError(
-                    f"{where} has layout {x.layout}; convert it with .to_dense() first"
-                )
-            if x.dtype not in _NAMES:
-                raise ChronosTypeError(
-                    f"{where} has dtype {x.dtype}; a tree can hold {', '.join(DTYPES)}"
-                )
+            problem = unstorable(x)
+            if problem is not None:
+                raise ChronosTypeError(f"{where} {problem}")
             name = f"t{len(tensors)}"
             tensors[name] = x
             return {_TENSOR: name}

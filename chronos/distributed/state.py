@@ -590,12 +590,11 @@ class CoordinatorState:
             )
             return self._error(rid, "unknown_worker", why)
         if owner != identity:
-            self._counters["impersonations"] += 1
             why = (
                 f"worker {wid!r} is registered from another connection; a worker id belongs to "
                 "the connection (and CURVE key) that registered it: speak only for yourself"
             )
-            return self._error(rid, "not_owner", why)
+            return self._not_owner(rid, why)
         if isinstance(msg, Deregister):  # acknowledged (a HeartbeatAck with its request id)
             self._forget(wid)
             self._counters["deregistrations"] += 1
@@ -617,22 +616,19 @@ class CoordinatorState:
             return self._error(rid, "shutting_down", self._done_reason())
         key = self._principal
         if key is not None and self._key_names.get(key, wid) != wid:
-            self._counters["impersonations"] += 1
             why = (f"this CURVE key belongs to worker {self._key_names[key]!r}, not {wid!r}; "
                    "register with the worker id its key file is named after")
-            return self._error(rid, "not_owner", why)
+            return self._not_owner(rid, why)
         bound = self._keys.get(wid)
         if bound is not None and key != bound:
-            self._counters["impersonations"] += 1
             why = (f"worker id {wid!r} is bound to another CURVE key (the one that first "
                    "registered it); register with that worker's key, or use another id")
-            return self._error(rid, "not_owner", why)
+            return self._not_owner(rid, why)
         other = self._wid_of.get(conn)
         if other is not None and other != wid:
-            self._counters["impersonations"] += 1
             why = (f"this connection already registered worker {other!r}; one connection "
                    "serves one worker (Deregister it first, or connect another socket)")
-            return self._error(rid, "not_owner", why)
+            return self._not_owner(rid, why)
         spec = msg.codec
         owner = self._conn.get(wid)
         if owner == conn and self._registered_by.get(wid) == (rid, msg.info, spec):
@@ -779,9 +775,11 @@ class CoordinatorState:
             self._ledger.rejected(wid)
             self._journal("unlease", {"w": wid})
         else:
-            metrics = dict(msg.metrics) if isinstance(msg.metrics, Mapping) else None
-            loss = metrics.get("outer_loss") if metrics is not None else None
-            loss = float(loss) if isinstance(loss, (int, float)) else 0.0
+            metrics = msg.metrics if isinstance(msg.metrics, Mapping) else None
+            loss = 0.0
+            if self._corrector is not None and metrics is not None:
+                raw = metrics.get("outer_loss")
+                loss = float(raw) if isinstance(raw, (int, float)) else 0.0
             if self._corrector is not None and self._latest_mode:
                 self._corrector.observe(wid, version, grad, loss)
             elif self._corrector is not None:
@@ -870,6 +868,11 @@ class CoordinatorState:
             )[:1000]
 
     # -- internals --------------------------------------------------------------------------
+
+    def _not_owner(self, rid: int, why: str) -> list[Outgoing]:
+        """Refuse a message that speaks for a worker id (or key) the sender does not own."""
+        self._counters["impersonations"] += 1
+        return self._error(rid, "not_owner", why)
 
     def _error(self, rid: int, code: ErrorCode, message: str) -> list[Outgoing]:
         """An error reply to the connection the message being handled came from."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import zmq
 from test_worker import Toy as WorkerToy  # this directory is on sys.path (pytest, subprocesses)
+from test_worker import wait_until as wait_for
 
 from chronos.distributed.coordinator import Coordinator
 from chronos.distributed.messages import Message
@@ -339,19 +340,6 @@ def arena(**kwargs: Any) -> Iterator[Arena]:
         yield a
     finally:
         a.close()
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``cond`` until truthy (there is nothing to wait on: counters of other threads);
-    fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def all_finite(lam: dict[str, torch.Tensor]) -> bool:
