@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m chronos.benchmarks.staleness
 	$(PY) -m chronos.benchmarks.hybrid
 	$(PY) -m chronos.benchmarks.load
+	$(PY) -m chronos.benchmarks.headline --full
 	rm -f results/protocol*.json
 	for i in 1 2 3; do $(PY) -m chronos.benchmarks.protocol --out results/protocol_$$i.json || exit 1; done
 	$(PY) -m chronos.benchmarks.report

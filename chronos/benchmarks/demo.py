@@ -1,4 +1,7 @@
-"""``chronos demo``: the main job, end to end on real data.
+"""``chronos bench regularization``: bilevel regularization, end to end on real data.
+
+(This was the first ``chronos demo``; the demo is now the headline comparison,
+:mod:`chronos.benchmarks.headline`.)
 
 Fits an L2-regularized multinomial logistic regression on scikit-learn's digits through
 :meth:`~chronos.core.InnerProblem.solve` for a small grid of regularization strengths, with a
@@ -9,7 +12,7 @@ implicit differentiation with conjugate gradient
 loss at every outer step and the learned model's validation / test accuracy next to the best
 fixed strength of the grid.
 
-Run:  ``chronos demo``  (or ``python -m chronos.benchmarks.demo``)
+Run:  ``chronos bench regularization``  (or ``python -m chronos.benchmarks.demo``)
 """
 
 from __future__ import annotations
@@ -119,8 +122,9 @@ def learn_strengths(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``chronos demo``; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="chronos demo", description=__doc__.splitlines()[0])
+    """Entry point of ``chronos bench regularization``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="chronos bench regularization",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="max inner L-BFGS steps")
     parser.add_argument("--seed", type=int, default=0, help="data split seed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -61,7 +61,7 @@ from chronos.core.errors import ConvergenceWarning
 from chronos.core.tensordict import TensorDict
 from chronos.solver import KFACPreconditioner, cg, implicit_hypergradient, linearize_inner
 
-__all__ = ["HyperCleaning", "floor_hvp", "machine_info", "main", "make_problem"]
+__all__ = ["HyperCleaning", "cpu_model", "floor_hvp", "machine_info", "main", "make_problem"]
 
 
 @dataclass(frozen=True)
@@ -202,16 +202,20 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, torch / TorchOpt versions and the BLAS torch was built with."""
-    cpu = platform.processor() or ""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch / TorchOpt versions and the BLAS torch was built with."""
+    cpu = cpu_model()
     config = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=(\w+)", config)
     return {

@@ -390,14 +390,14 @@ def render(results: dict[str, dict[str, Any]], when: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the markers in ``readme`` by ``block``."""
+def update_readme(readme: Path, block: str, start: str = START, end: str = END) -> None:
+    """Replace the text between the markers ``start`` and ``end`` in ``readme`` by ``block``."""
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} section to fill")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} section to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{block}\n{end}{tail}")
 
 
 def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:

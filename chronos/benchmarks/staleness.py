@@ -327,7 +327,7 @@ def simulated_rows(until: float, init: float = 3.0, seed: int = 0) -> dict[str, 
 # -- harness 2: real processes --------------------------------------------------------------------
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """CPU seconds of this process and its reaped children."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -361,11 +361,11 @@ def run_policy(spec: str, policy: Policy, delays: Sequence[float], max_steps: in
         if ready:
             trace.append((s["elapsed_s"], int(s["version"]), s["outer_params"]))
 
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WindowStalenessWarning)
         result = run_local(cfg, progress, progress_interval=0.2, track_outer_params=True)
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     if not result.completed:
         raise ChronosError(f"{policy.name} on {spec} did not finish: exit codes "
                            f"{result.worker_exitcodes}, version {result.version}")
@@ -589,7 +589,9 @@ def machine_info() -> dict[str, Any]:
     """CPU, core count, torch and Python versions, and the time: a benchmark JSON's header."""
     import platform
 
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    from chronos.benchmarks.hypergrad import cpu_model
+
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
