@@ -280,6 +280,11 @@ def _timed_run(cfg: RunConfig, label: str, quiet: bool,
     return result, (ready[0] if ready else 0.0), cpu_seconds() - cpu0
 
 
+def _wire_bytes(stats: dict[str, Any]) -> int:
+    """Bytes on the wire so far, both directions, from the coordinator's counters."""
+    return int(stats.get("bytes_sent", 0) + stats.get("bytes_received", 0))
+
+
 def run_variant(variant: Variant, spec: str, hypergradients: int, seed: int,
                 delays: Sequence[float], evaluator: Evaluator, label: str = "",
                 quiet: bool = False, outer_lr: float = OUTER_LR) -> dict[str, Any]:
@@ -289,13 +294,12 @@ def run_variant(variant: Variant, spec: str, hypergradients: int, seed: int,
     points: list[tuple[float, int, torch.Tensor, int]] = []
 
     def record(st: dict[str, Any]) -> None:
-        wire = int(st.get("bytes_sent", 0) + st.get("bytes_received", 0))
         points.append((st["elapsed_s"], int(st["version"]), st["outer_params"]["s"].clone(),
-                       wire))
+                       _wire_bytes(st)))
 
     result, start, cpu = _timed_run(cfg, label or f"{variant.name} (seed {seed})", quiet, record)
     st = result.stats
-    wire = int(st["bytes_received"] + st["bytes_sent"])
+    wire = _wire_bytes(st)
     points.append((result.wall_time, result.version, result.outer_params["s"].clone(), wire))
     by_op = result.bytes_by_op()["coordinator"]
     messages = sum(v["messages_sent"] + v["messages_received"] for v in by_op.values())
@@ -316,11 +320,12 @@ def run_variant(variant: Variant, spec: str, hypergradients: int, seed: int,
     }
 
 
-def iteration_seconds(run: dict[str, Any]) -> float:
-    """Seconds per worker round in a run without a straggler (its wall time over the rounds of
-    its busiest worker)."""
-    rounds = max(w["accepted"] + w["rejected"] + w["cancelled"] for w in run["workers"].values())
-    return run["wall_s"] / max(1, rounds)
+def straggler_delays(wall_s: float, rounds: int) -> tuple[float, list[float]]:
+    """Calibrate the straggler from a run without one: its seconds per round (wall time over
+    the ``rounds`` of its busiest worker) and the injected delays that make the last worker
+    spend ``SLOW`` × as long per round as the others."""
+    round_s = wall_s / max(1, rounds)
+    return round_s, [0.0] * (WORKERS - 1) + [(SLOW - 1.0) * round_s]
 
 
 # -- meta-learning ----------------------------------------------------------------------------
@@ -361,15 +366,14 @@ def meta_learning(seed: int, hypergradients: int, names: Sequence[str],
             st = result.stats
             run = {"variant": name, "straggler": slow, "delays": list(delays),
                    "mse": sinusoid.post_adaptation_mse(result.outer_params, held_out),
-                   "bytes": int(st["bytes_received"] + st["bytes_sent"]),
+                   "bytes": _wire_bytes(st),
                    "wall_s": result.wall_time - start, "startup_s": start, "cpu_s": cpu,
                    "steps": result.version, "rejected": st["commits_rejected"],
                    "accepted_per_worker": {w: x["accepted"]
                                            for w, x in sorted(st["workers"].items())}}
             if name == "sync" and not slow:
-                rounds = max(run["accepted_per_worker"].values())
-                run["round_s"] = run["wall_s"] / max(1, rounds)
-                slow_delays = [0.0] * (WORKERS - 1) + [(SLOW - 1.0) * run["round_s"]]
+                run["round_s"], slow_delays = straggler_delays(
+                    run["wall_s"], max(run["accepted_per_worker"].values()))
             out["runs"].append(run)
             log(f"    MSE {run['mse']:.3f}, {run['bytes'] / 1e3:.0f} kB, {run['wall_s']:.1f} s, "
                 f"{run['steps']} steps, accepted per worker "
@@ -589,12 +593,12 @@ def run_plan(plan: Plan, log: Callable[[str], None], quiet: bool,
     todo = seeds_rows(plan)
     delays_by_seed: dict[int, list[float]] = {}
     refs_by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    problems: dict[int, HyperCleaningProblem] = {}
+    evaluators: dict[int, Evaluator] = {}
     for i, (seed, slow, name) in enumerate(todo, 1):
-        if seed not in problems:
-            problems[seed] = mnist_hyper_cleaning(0, 1, seed=seed)
-        problem = problems[seed]
-        evaluator = Evaluator(problem)
+        if seed not in evaluators:
+            evaluators[seed] = Evaluator(mnist_hyper_cleaning(0, 1, seed=seed))
+        evaluator = evaluators[seed]
+        problem = evaluator.problem
         if seed not in refs_by_seed:
             log(f"seed {seed}: references (no cleaning, oracle"
                 f"{', sequential exact loop' if plan.sequential else ''})")
@@ -611,10 +615,9 @@ def run_plan(plan: Plan, log: Callable[[str], None], quiet: bool,
         run = run_variant(VARIANTS[name], problem_spec(seed), plan.hypergradients, seed,
                           delays, evaluator, label, quiet, plan.outer_lr)
         if name == "sync" and not slow:
-            # the straggler works SLOW × as long per round as a worker of this run
-            it = iteration_seconds(run)
-            delays_by_seed[seed] = [0.0] * (WORKERS - 1) + [(SLOW - 1.0) * it]
-            run["round_s"] = it
+            rounds = max(w["accepted"] + w["rejected"] + w["cancelled"]
+                         for w in run["workers"].values())
+            run["round_s"], delays_by_seed[seed] = straggler_delays(run["wall_s"], rounds)
         run["delays"] = delays
         result["runs"].append(run)
         log(f"    test acc {run['test_acc']:.4f}, F1 {run['f1']:.3f}, {run['bytes'] / 1e3:.0f} kB, "
