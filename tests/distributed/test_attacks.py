@@ -410,21 +410,26 @@ def test_forged_deregister_of_the_honest_worker_is_refused() -> None:
 # -- 4. float-max poisoning ------------------------------------------------------------------------
 
 
-def poison(a: Arena, dtype: torch.dtype, seconds: float) -> Any:
+def poison(a: Arena, dtype: torch.dtype, seconds: float, until_refused: bool = False) -> Any:
     """A registered attacker commits float-max hypergradients three times over ``seconds``,
-    each against a lease of its own; returns its replies."""
+    each against a lease of its own; returns its replies. ``until_refused``: go on (up to 8
+    commits) until one is answered ``non_finite``: a commit that the honest worker's step made
+    stale is applied at ``decay**staleness``, so three may not reach the overflow."""
 
     def attack(stop: threading.Event) -> list[Message | None]:
         peer = RawPeer(a.address)
         replies: list[Message | None] = []
         try:
             register(peer, "mallory")
-            for i in range(3):
+            for i in range(8 if until_refused else 3):
                 version = checkout(peer, "mallory")
-                replies.append(peer.ask(Commit(
+                reply = peer.ask(Commit(
                     request_id=peer.next_rid(), worker_id="mallory", version=version,
-                    commit_id=f"max-{i}", hypergradient=grad(at.finite_max(dtype), dtype))))
-                stop.wait(seconds / 3)  # all three commits even if the window ends first
+                    commit_id=f"max-{i}", hypergradient=grad(at.finite_max(dtype), dtype)))
+                replies.append(reply)
+                if until_refused and getattr(reply, "status", None) == "non_finite":
+                    break
+                stop.wait(seconds / 3)  # every commit even if the window ends first
         finally:
             peer.close()
         return replies
@@ -435,12 +440,13 @@ def poison(a: Arena, dtype: torch.dtype, seconds: float) -> Any:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_float_max_hypergradients_never_make_lambda_non_finite_sgd(dtype: torch.dtype) -> None:
-    """SGD with step 0.5, one commit per step: two float-max commits take λ to about −max (still
-    finite), the third would overflow it: that step is refused and its commit answered
-    ``non_finite``; the honest worker keeps committing."""
+    """SGD with step 0.5, one commit per step: two fresh float-max commits take λ to about −max
+    (still finite), the third would overflow it (stale ones, weighted ``decay**staleness``,
+    take more): that step is refused and its commit answered ``non_finite``; the honest worker
+    keeps committing."""
     with arena(problem=Toy(dtype=dtype), optimizer="sgd", outer_lr=0.5,
                aggregation="buffered", min_commits=1) as a:
-        base, hit, replies = poison(a, dtype, WINDOW_S)
+        base, hit, replies = poison(a, dtype, WINDOW_S, until_refused=True)
         stats = a.coord.stats()
         assert a.lam.non_finite_versions() == []
         assert at.all_finite(a.coord.outer_params)
